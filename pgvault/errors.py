@@ -1,0 +1,129 @@
+"""One error hierarchy for the whole package.
+
+Every error carries a one-line message, a stable exit code (the CLI exits with
+it, the README lists them) and, where it helps an operator, a hint of what to do.
+Code below the CLI raises these and never prints; only the CLI catches broadly.
+"""
+
+from __future__ import annotations
+
+
+class PgvaultError(Exception):
+    """Base of every error pgvault raises on purpose."""
+
+    exit_code = 1
+    default_hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(PgvaultError):
+    """The configuration file or an environment override is invalid."""
+
+    exit_code = 10
+
+
+class EncryptionKeyError(PgvaultError):
+    """A key file is missing, unreadable, too open, or not the vault's key."""
+
+    exit_code = 11
+
+
+class StorageError(PgvaultError):
+    """The vault cannot be reached or refused an operation."""
+
+    exit_code = 20
+
+
+class VaultUnreachableError(StorageError):
+    """Endpoint down, bucket missing, credentials refused: retrying later may help."""
+
+    exit_code = 21
+
+
+class ObjectExistsError(StorageError):
+    """A write-once object already exists with different content."""
+
+    exit_code = 22
+
+
+class ObjectNotFoundError(StorageError):
+    """The object asked for is not in the vault."""
+
+    exit_code = 23
+
+
+class CorruptObjectError(PgvaultError):
+    """An object failed its integrity checks (checksum, authentication, framing)."""
+
+    exit_code = 24
+    default_hint = "the object was damaged or altered in the vault; run `pgvault verify` and restore from another copy"
+
+
+class VaultMismatchError(PgvaultError):
+    """The vault belongs to another cluster, or its format is not understood."""
+
+    exit_code = 25
+
+
+class VaultNotInitializedError(PgvaultError):
+    """There is no vault record for this cluster yet."""
+
+    exit_code = 26
+    default_hint = "run `pgvault init` first"
+
+
+class PostgresError(PgvaultError):
+    """PostgreSQL cannot be reached or answered with an error."""
+
+    exit_code = 30
+
+
+class ArchiveDivergenceError(PgvaultError):
+    """A WAL file already archived under this name has different content."""
+
+    exit_code = 40
+    default_hint = (
+        "two servers may be writing the same timeline (split brain); "
+        "stop the one that is not the primary and compare before archiving again"
+    )
+
+
+class ForeignWalError(PgvaultError):
+    """A WAL file does not belong to the cluster this vault was created for."""
+
+    exit_code = 41
+
+
+class CheckFailedError(PgvaultError):
+    """`pgvault check` found at least one failing item."""
+
+    exit_code = 50
+
+
+#: Exit codes documented in the README, by class, in one place.
+EXIT_CODES: dict[type[PgvaultError], int] = {
+    cls: cls.exit_code
+    for cls in (
+        PgvaultError,
+        ConfigError,
+        EncryptionKeyError,
+        StorageError,
+        VaultUnreachableError,
+        ObjectExistsError,
+        ObjectNotFoundError,
+        CorruptObjectError,
+        VaultMismatchError,
+        VaultNotInitializedError,
+        PostgresError,
+        ArchiveDivergenceError,
+        ForeignWalError,
+        CheckFailedError,
+    )
+}
