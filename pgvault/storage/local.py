@@ -107,8 +107,8 @@ class LocalStorage:
         finally:
             try:
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # never created (e.g. a parent is a file); the original error matters
         return ObjectInfo(key=key, size=size)
 
     def open(self, key: str) -> BinaryIO:
@@ -137,7 +137,11 @@ class LocalStorage:
 
     def _walk(self, directory: str, key_prefix: str) -> Iterator[ObjectInfo]:
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            # Sort a directory as "name/" so the walk yields keys in plain string
+            # order, as S3 does: "a-c" < "a/b" because '-' < '/'.
+            entries = sorted(
+                os.scandir(directory), key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+            )
         except FileNotFoundError:
             return
         except OSError as exc:
