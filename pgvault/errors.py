@@ -101,6 +101,12 @@ class ForeignWalError(PgvaultError):
     exit_code = 41
 
 
+class WalFormatError(PgvaultError):
+    """A WAL file name, LSN, timeline history or WAL page header is malformed."""
+
+    exit_code = 42
+
+
 class CheckFailedError(PgvaultError):
     """`pgvault check` found at least one failing item."""
 
@@ -124,6 +130,7 @@ EXIT_CODES: dict[type[PgvaultError], int] = {
         PostgresError,
         ArchiveDivergenceError,
         ForeignWalError,
+        WalFormatError,
         CheckFailedError,
     )
 }
