@@ -1,0 +1,421 @@
+"""The `pgvault` command: parse, call one library function, print (text or --json).
+
+Errors: every PgvaultError becomes one line on stderr (plus a HINT line) and its
+exit code; a traceback only with --debug. Heavy imports stay inside commands so
+that `pgvault wal-push` on its fast path starts quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from pgvault import __version__
+from pgvault.errors import CheckFailedError, PgvaultError
+
+OK_MARK = "✓"
+FAIL_MARK = "✗"
+
+
+@dataclass
+class AppState:
+    config_path: str | None
+    debug: bool
+    _settings: Any = field(default=None, repr=False)
+
+    @property
+    def settings(self):
+        if self._settings is None:
+            from pgvault.config import load_settings
+
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+
+def print_error(exc: PgvaultError) -> None:
+    click.echo(f"pgvault: error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"HINT: {exc.hint}", err=True)
+
+
+class PgvaultGroup(click.Group):
+    """Maps PgvaultError to its exit code and a one-line message."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PgvaultError as exc:
+            if _debug(ctx):
+                traceback.print_exc()
+            print_error(exc)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("pgvault: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # the one broad except: the CLI boundary
+            if _debug(ctx):
+                traceback.print_exc()
+            click.echo(f"pgvault: internal error: {exc.__class__.__name__}: {exc}", err=True)
+            click.echo("HINT: rerun with --debug for a traceback, and report it", err=True)
+            ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    obj = ctx.find_object(AppState)
+    return bool(obj and obj.debug)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(cls=PgvaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="FILE", help="Config file (default: $PGVAULT_CONFIG, then /etc/pgvault/pgvault.toml, then built-in defaults).")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(__version__, prog_name="pgvault")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+    """pgvault: backups and point-in-time recovery for PostgreSQL."""
+    ctx.obj = AppState(config_path=config_path, debug=debug)
+
+
+pass_state = click.make_pass_decorator(AppState)
+
+
+# --- init -----------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the vault record as JSON.")
+@pass_state
+def init(state: AppState, as_json: bool) -> None:
+    """Create the vault record for this cluster (a no-op if it is already this cluster's)."""
+    from pgvault import context, pg
+    from pgvault.vault import init_vault, read_vault_record
+
+    settings = state.settings
+    storage = context.storage_for(settings)
+    facts = _cluster_identity(settings)
+    key_id = None
+    master = context.master_key_for(settings)
+    if master is not None:
+        from pgvault.keys import create_vault_key, load_keyring
+
+        existing = read_vault_record(storage)
+        if existing is None or existing.system_identifier == facts[0]:
+            keyring = _keyring_or_none(storage, master)
+            key_id = keyring.current.key_id if keyring is not None else create_vault_key(storage, master).key_id
+    result = init_vault(
+        storage,
+        cluster=settings.vault.cluster,
+        system_identifier=facts[0],
+        pg_major_version=facts[1],
+        wal_segment_size=facts[2],
+        encryption_key_id=key_id,
+    )
+    record = result.record
+    if as_json:
+        emit_json({"created": result.created, "vault": storage.description, "record": _record_dict(record)})
+        return
+    verb = "initialized" if result.created else "already initialized for this cluster; nothing changed"
+    click.echo(f"vault {storage.description}: {verb}")
+    click.echo(f"  cluster            {record.cluster}")
+    click.echo(f"  system identifier  {record.system_identifier}")
+    click.echo(f"  PostgreSQL         {record.pg_major_version}")
+    click.echo(f"  encryption         {'AES-256-GCM, vault key ' + record.encryption_key_id if record.encryption_key_id else 'off'}")
+
+
+def _keyring_or_none(storage, master):
+    from pgvault.keys import load_keyring
+
+    keyring = load_keyring(storage, master)
+    return keyring if len(keyring) else None
+
+
+def _record_dict(record) -> dict:
+    from dataclasses import asdict
+
+    return asdict(record) | {"system_identifier": str(record.system_identifier)}
+
+
+def _cluster_identity(settings) -> tuple[int, int, int]:
+    """(system identifier, major version, WAL segment size): from the server, else from [postgres] data_dir."""
+    from pgvault import pg
+
+    try:
+        with pg.connect(settings.postgres.conninfo) as conn:
+            facts = pg.server_facts(conn)
+        return facts.system_identifier, facts.major_version, facts.wal_segment_size
+    except PgvaultError:
+        if not settings.postgres.data_dir:
+            raise
+        control = pg.read_control_file(settings.postgres.data_dir)
+        return control.system_identifier, control.major_version, control.wal_segment_size
+
+
+# --- check ----------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checklist as JSON.")
+@pass_state
+def check(state: AppState, as_json: bool) -> None:
+    """Check config, vault, PostgreSQL and archiving settings; non-zero exit if any item fails."""
+    from pgvault.checks import CheckItem, run_checks
+
+    try:
+        items = run_checks(state.settings)
+    except PgvaultError as exc:  # config itself is broken: that is the one item we can report
+        items = [CheckItem("config valid", False, exc.message, exc.hint)]
+    failed = [i for i in items if not i.ok]
+    if as_json:
+        emit_json({"ok": not failed, "items": [i.to_dict() for i in items]})
+    else:
+        for item in items:
+            click.echo(f"{OK_MARK if item.ok else FAIL_MARK} {item.name}: {item.detail}")
+            if item.hint and not item.ok:
+                click.echo(f"    hint: {item.hint}")
+    if failed:
+        if not as_json:
+            click.echo(f"{len(failed)} of {len(items)} checks failed", err=True)
+        raise SystemExit(CheckFailedError.exit_code)
+
+
+# --- config ---------------------------------------------------------------
+
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_state
+def show_config(state: AppState, as_json: bool) -> None:
+    """Show the effective settings (secrets hidden) and where they came from."""
+    from dataclasses import asdict
+
+    settings = state.settings
+    data = asdict(settings)
+    if data["vault"].get("secret_access_key"):
+        data["vault"]["secret_access_key"] = "********"
+    data = {section: ({k.rstrip("_"): v for k, v in values.items()} if isinstance(values, dict) else values)
+            for section, values in data.items()}
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(f"# from {settings.source}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        click.echo(f"[{section}]")
+        for key, value in values.items():
+            click.echo(f"{key} = {json.dumps(value)}")
+
+
+# --- key ------------------------------------------------------------------
+
+@cli.group()
+def key() -> None:
+    """Encryption keys: generate a master key file, rotate the master key."""
+
+
+@key.command("generate")
+@click.argument("path", type=click.Path(dir_okay=False))
+def key_generate(path: str) -> None:
+    """Write a new master key file at PATH (mode 0600; refuses to overwrite)."""
+    from pgvault.keys import generate_master_key_file
+
+    master = generate_master_key_file(path)
+    click.echo(f"wrote master key {master.key_id} to {path} (mode 0600)")
+    click.echo("keep a copy somewhere safe: without it, encrypted backups cannot be read")
+
+
+@key.command("rotate")
+@click.option("--new-key-file", required=True, type=click.Path(dir_okay=False), help="The new master key file (from `pgvault key generate`).")
+@pass_state
+def key_rotate(state: AppState, new_key_file: str) -> None:
+    """Re-wrap the vault's keys under a new master key; data objects are not rewritten."""
+    from pgvault import context
+    from pgvault.keys import load_master_key, rotate_master_key
+
+    settings = state.settings
+    storage = context.storage_for(settings)
+    old = context.master_key_for(settings)
+    if old is None:
+        raise PgvaultError("[encryption] key_file is not set: there is no master key to rotate")
+    new = load_master_key(new_key_file)
+    count = rotate_master_key(storage, old, new)
+    click.echo(f"re-wrapped {count} vault key(s) under master key {new.key_id}")
+    click.echo(f"now set [encryption] key_file = {json.dumps(new_key_file)} on every node; the old key file no longer opens this vault")
+
+
+# --- WAL archiving -------------------------------------------------------
+
+#: restore_command contract: 1..125 means "not available" (recovery ends there
+#: normally); above 125 PostgreSQL treats as fatal and stops recovery, so a real
+#: error can never pass for the end of the archive.
+FETCH_NOT_FOUND_EXIT = 1
+FETCH_FATAL_EXIT = 255
+
+
+def _archive_context(settings):
+    """Storage, vault record, keyring and codec options for WAL commands."""
+    from pgvault import context
+    from pgvault.archive import CodecOptions
+    from pgvault.vault import require_vault_record
+
+    storage = context.storage_for(settings)
+    record = require_vault_record(storage)
+    keyring = context.keyring_for(settings, storage)
+    c = settings.compression
+    options = CodecOptions(compression=c.algorithm, level=c.level, threads=c.threads,
+                           key=keyring.current if keyring is not None else None)
+    return storage, record, keyring, options
+
+
+@cli.command("wal-push")
+@click.argument("path")
+@pass_state
+def wal_push(state: AppState, path: str) -> None:
+    """archive_command: archive the WAL file PATH (%p); exit 0 only once it is durably in the vault."""
+    settings = state.settings
+    storage, record, _keyring, options = _archive_context(settings)
+    if settings.archive.async_:
+        from pgvault.pushahead import push_with_push_ahead
+        from pgvault.spool import Spool
+
+        result = push_with_push_ahead(
+            path, storage=storage, record=record, options=options,
+            spool=Spool(settings.archive.spool_dir, settings.vault.cluster),
+            parallel=settings.archive.parallel,
+        )
+        if result.still_waiting or result.failed_ahead:
+            click.echo(f"pgvault wal-push: archived {result.own.name} and {result.pushed_ahead} more; "
+                       f"{result.still_waiting + result.failed_ahead} WAL files still waiting", err=True)
+    else:
+        from pgvault.archive import push_wal_file
+
+        push_wal_file(path, storage=storage, record=record, options=options)
+
+
+@cli.command("wal-fetch")
+@click.argument("name")
+@click.argument("dest")
+@pass_state
+def wal_fetch(state: AppState, name: str, dest: str) -> None:
+    """restore_command: write WAL file NAME (%f) to DEST (%p); exit 1 if the vault has no such file."""
+    from pgvault.archive import WalNotFoundError
+
+    try:
+        _wal_fetch(state, name, dest)
+    except WalNotFoundError:
+        sys.exit(FETCH_NOT_FOUND_EXIT)
+    except PgvaultError as exc:
+        print_error(exc)
+        click.echo("pgvault wal-fetch: stopping recovery (exit 255): fix the error and start the server again to resume", err=True)
+        sys.exit(FETCH_FATAL_EXIT)
+    except Exception as exc:  # anything unexpected must stop recovery too, never look like "no more WAL"
+        if state.debug:
+            traceback.print_exc()
+        click.echo(f"pgvault wal-fetch: error: {exc.__class__.__name__}: {exc}", err=True)
+        sys.exit(FETCH_FATAL_EXIT)
+
+
+def _wal_fetch(state: AppState, name: str, dest: str) -> None:
+    from pgvault.archive import fetch_wal_file
+    from pgvault.prefetch import start_prefetch_worker, take_prefetched
+    from pgvault.spool import Spool
+
+    settings = state.settings
+    count = settings.archive.prefetch
+    spool = Spool(settings.archive.spool_dir, settings.vault.cluster)
+    is_segment = len(name) == 24
+    if is_segment and count and take_prefetched(spool, name, dest):
+        start_prefetch_worker(name, config_path=state.config_path, count=count)
+        return
+    storage, record, keyring, _options = _archive_context(settings)
+    fetch_wal_file(name, dest, storage=storage, record=record, keyring=keyring)
+    if is_segment and count:
+        start_prefetch_worker(name, config_path=state.config_path, count=count)
+
+
+@cli.command("wal-prefetch", hidden=True)
+@click.argument("name")
+@click.option("--count", type=int, default=8)
+@pass_state
+def wal_prefetch(state: AppState, name: str, count: int) -> None:
+    """(internal) fetch the segments after NAME into the spool; started by wal-fetch."""
+    from pgvault.prefetch import run_prefetch
+    from pgvault.spool import Spool
+
+    settings = state.settings
+    storage, record, keyring, _options = _archive_context(settings)
+    run_prefetch(name, storage=storage, record=record, keyring=keyring,
+                 spool=Spool(settings.archive.spool_dir, settings.vault.cluster),
+                 count=count, parallel=settings.archive.parallel)
+
+
+# --- list -----------------------------------------------------------------
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_state
+def list_cmd(state: AppState, as_json: bool) -> None:
+    """What the vault holds: archived WAL per timeline (with gaps) and the newest archived segment."""
+    from pgvault import context
+    from pgvault.catalog import list_archived_wal, summarize_wal
+    from pgvault.vault import require_vault_record
+    from pgvault.wal import segment_name
+
+    settings = state.settings
+    storage = context.storage_for(settings)
+    record = require_vault_record(storage)
+    seg = record.wal_segment_size
+    timelines = summarize_wal(list_archived_wal(storage, segment_size=seg))
+
+    def name(tli: int, segno: int) -> str:
+        return segment_name(tli, segno, segment_size=seg)
+
+    def when(ms: int) -> str | None:
+        from datetime import datetime, timezone
+
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds") if ms else None
+
+    wal = [{
+        "timeline": t.timeline,
+        "first": name(t.timeline, t.first_segno) if t.segments else None,
+        "last": name(t.timeline, t.last_segno) if t.segments else None,
+        "segments": t.segments,
+        "bytes": t.bytes,
+        "gaps": [{"from": name(t.timeline, a), "to": name(t.timeline, b), "missing": b - a + 1} for a, b in t.gaps],
+        "newest_completed_at": when(t.newest_completed_ms),
+        "partial": list(t.partial),
+        "history_file": t.has_history,
+    } for t in timelines]
+    newest = max((t.newest_completed_ms for t in timelines), default=0)
+    data = {"vault": storage.description, "cluster": record.cluster, "wal": wal,
+            "newest_archived_segment_at": when(newest)}
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(f"vault {storage.description} (cluster {record.cluster}, system identifier {record.system_identifier})")
+    click.echo("archived WAL:")
+    if not wal:
+        click.echo("  none yet")
+    for w in wal:
+        span = f"{w['first']} .. {w['last']}" if w["segments"] else "no segments"
+        click.echo(f"  timeline {w['timeline']}: {span}  ({w['segments']} segments, {w['bytes'] / 2**20:.0f} MiB)")
+        for g in w["gaps"]:
+            click.echo(f"    GAP: {g['from']} .. {g['to']} ({g['missing']} missing)")
+        for p in w["partial"]:
+            click.echo(f"    partial: {p}")
+    click.echo(f"newest archived segment completed at: {data['newest_archived_segment_at'] or '-'}")
+
+
+def main() -> None:
+    cli(prog_name="pgvault")
+
+
+if __name__ == "__main__":
+    main()

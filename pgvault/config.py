@@ -1,0 +1,211 @@
+"""Configuration: one TOML file plus ``PGVAULT_<SECTION>_<KEY>`` overrides → frozen Settings.
+
+Where the file comes from, first match wins: ``--config FILE``, ``$PGVAULT_CONFIG``,
+``/etc/pgvault/pgvault.toml`` (if it exists), else built-in defaults only. Every
+key has a default, so pgvault runs with no configuration at all. Errors name the
+file, the key, what was given and what was expected.
+
+This is the only module that reads the environment for settings; everything
+below the CLI receives explicit values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pgvault.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/pgvault/pgvault.toml"
+DEFAULT_VAULT_URL = "file:///var/lib/pgvault/vault"
+DEFAULT_SPOOL_DIR = "/var/lib/pgvault/spool"
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    url: str = DEFAULT_VAULT_URL
+    endpoint_url: str | None = None
+    region: str | None = None
+    cluster: str = "main"
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    sse: str | None = None
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    data_dir: str | None = None
+    conninfo: str = ""
+    bin_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class EncryptionSettings:
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    algorithm: str = "zstd"
+    level: int = 3
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    async_: bool = False
+    spool_dir: str = DEFAULT_SPOOL_DIR
+    parallel: int = 4
+    prefetch: int = 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str  # the file the settings came from, or "built-in defaults"
+    vault: VaultSettings = VaultSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    encryption: EncryptionSettings = EncryptionSettings()
+    compression: CompressionSettings = CompressionSettings()
+    archive: ArchiveSettings = ArchiveSettings()
+
+
+_SECTIONS: dict[str, type] = {
+    "vault": VaultSettings,
+    "postgres": PostgresSettings,
+    "encryption": EncryptionSettings,
+    "compression": CompressionSettings,
+    "archive": ArchiveSettings,
+}
+
+# Constraints beyond the type: key -> (check, what is expected).
+_CHOICES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("compression", "algorithm"): (lambda v: v in ("zstd", "none"), '"zstd" or "none"'),
+    ("compression", "level"): (lambda v: 1 <= v <= 19, "an integer from 1 to 19"),
+    ("compression", "threads"): (lambda v: 0 <= v <= 64, "an integer from 0 to 64"),
+    ("vault", "url"): (lambda v: "://" in v, "a URL such as file:///var/lib/pgvault/vault or s3://bucket/prefix"),
+    ("vault", "sse"): (lambda v: v in ("AES256", "aws:kms"), '"AES256" or "aws:kms"'),
+    ("archive", "parallel"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+    ("archive", "prefetch"): (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
+}
+
+
+def _toml_name(attr: str) -> str:
+    return attr.rstrip("_")  # "async" is a Python keyword, stored as async_
+
+
+def _fields(section_cls: type) -> dict[str, dataclasses.Field]:
+    return {_toml_name(f.name): f for f in dataclasses.fields(section_cls)}
+
+
+def env_var_name(section: str, key: str) -> str:
+    return f"PGVAULT_{section.upper()}_{key.upper()}"
+
+
+def _expected(type_str: str) -> str:
+    if "bool" in type_str:
+        return "true or false"
+    if "int" in type_str:
+        return "an integer"
+    return "a string"
+
+
+def _coerce(value: Any, type_str: str, *, from_env: bool) -> Any:
+    """Convert ``value`` to the field type; raise ValueError if it is not one."""
+    if "bool" in type_str:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError
+    if "int" in type_str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ValueError
+    if isinstance(value, str):
+        return value
+    raise ValueError
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", hint="give an existing file with --config or $PGVAULT_CONFIG") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable by this user", hint="the postgres user must be able to read it for archive_command") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> str | None:
+    if cli_path:
+        return cli_path
+    if environ.get("PGVAULT_CONFIG"):
+        return environ["PGVAULT_CONFIG"]
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_settings(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the config file (if any) and environment overrides into Settings."""
+    environ = os.environ if environ is None else environ
+    path = resolve_config_path(cli_path, environ)
+    raw = _read_file(path) if path else {}
+    source = path or "built-in defaults"
+
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section [{unknown[0]}]; known sections: "
+            + ", ".join(f"[{s}]" for s in _SECTIONS)
+        )
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {section} must be a table ([{section}]), got {table!r}")
+        fields = _fields(cls)
+        for key in table:
+            if key not in fields:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} in [{section}]; known keys: " + ", ".join(fields)
+                )
+        values: dict[str, Any] = {}
+        for key, fld in fields.items():
+            where, value, from_env = None, None, False
+            env_name = env_var_name(section, key)
+            if environ.get(env_name, "") != "":
+                where, value, from_env = f"environment variable {env_name}", environ[env_name], True
+            elif key in table:
+                where, value = f"{source}: [{section}] {key}", table[key]
+            else:
+                continue
+            type_str = str(fld.type)
+            try:
+                value = _coerce(value, type_str, from_env=from_env)
+            except ValueError:
+                raise ConfigError(f"{where} = {value!r}: expected {_expected(type_str)}") from None
+            check = _CHOICES.get((section, key))
+            if check and not check[0](value):
+                raise ConfigError(f"{where} = {value!r}: expected {check[1]}")
+            values[fld.name] = value
+        sections[section] = cls(**values)
+    return Settings(source=source, **sections)
+
+
+def describe_env_overrides() -> list[tuple[str, str, Any]]:
+    """(environment variable, section.key, default) for every key — used by docs and `pgvault config`."""
+    rows = []
+    for section, cls in _SECTIONS.items():
+        for key, fld in _fields(cls).items():
+            rows.append((env_var_name(section, key), f"{section}.{key}", fld.default))
+    return rows

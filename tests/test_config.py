@@ -1,0 +1,110 @@
+"""Config loading: defaults, file, environment overrides, and errors that name file, key, value, expectation."""
+
+from pathlib import Path
+
+import pytest
+
+from pgvault.config import DEFAULT_VAULT_URL, describe_env_overrides, load_settings
+from pgvault.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "pgvault.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_config_at_all_gives_working_defaults(monkeypatch):
+    monkeypatch.setattr("pgvault.config.DEFAULT_CONFIG_PATH", "/nonexistent/pgvault.toml")
+    s = load_settings(None, environ={})
+    assert s.source == "built-in defaults"
+    assert s.vault.url == DEFAULT_VAULT_URL
+    assert s.vault.cluster == "main"
+    assert s.compression.algorithm == "zstd" and s.compression.level == 3
+    assert s.encryption.key_file is None
+    assert s.postgres.conninfo == ""  # libpq's environment decides
+
+
+def test_file_values_are_read(tmp_path):
+    path = write(tmp_path, """
+[vault]
+url = "s3://bucket/pfx"
+endpoint_url = "http://127.0.0.1:9000"
+cluster = "prod"
+[postgres]
+data_dir = "/srv/pg"
+[compression]
+algorithm = "none"
+level = 5
+[archive]
+async = true
+parallel = 3
+""")
+    s = load_settings(path, environ={})
+    assert s.source == path
+    assert (s.vault.url, s.vault.endpoint_url, s.vault.cluster) == ("s3://bucket/pfx", "http://127.0.0.1:9000", "prod")
+    assert s.postgres.data_dir == "/srv/pg"
+    assert (s.compression.algorithm, s.compression.level) == ("none", 5)
+    assert s.archive.async_ is True and s.archive.parallel == 3
+
+
+def test_environment_overrides_file(tmp_path):
+    path = write(tmp_path, '[vault]\nurl = "file:///a"\n[archive]\nasync = false\n')
+    s = load_settings(path, environ={
+        "PGVAULT_VAULT_URL": "file:///b",
+        "PGVAULT_POSTGRES_DATA_DIR": "/data",
+        "PGVAULT_COMPRESSION_LEVEL": "7",
+        "PGVAULT_ARCHIVE_ASYNC": "yes",
+    })
+    assert s.vault.url == "file:///b"
+    assert s.postgres.data_dir == "/data"
+    assert s.compression.level == 7
+    assert s.archive.async_ is True
+
+
+def test_config_path_from_environment(tmp_path):
+    path = write(tmp_path, '[vault]\ncluster = "from-env"\n')
+    assert load_settings(None, environ={"PGVAULT_CONFIG": path}).vault.cluster == "from-env"
+
+
+def test_wrong_type_names_file_key_value_and_expectation(tmp_path):
+    path = write(tmp_path, '[compression]\nlevel = "high"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert str(err.value) == f"{path}: [compression] level = 'high': expected an integer"
+
+
+def test_out_of_range_value(tmp_path):
+    path = write(tmp_path, '[compression]\nalgorithm = "lz4"\n')
+    with pytest.raises(ConfigError, match=r'\[compression\] algorithm = \'lz4\': expected "zstd" or "none"'):
+        load_settings(path, environ={})
+
+
+def test_bad_environment_value_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, environ={"PGVAULT_CONFIG": write(tmp_path, ""), "PGVAULT_ARCHIVE_PARALLEL": "many"})
+    assert str(err.value) == "environment variable PGVAULT_ARCHIVE_PARALLEL = 'many': expected an integer"
+
+
+def test_unknown_key_and_section_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'ulr' in \[vault\]; known keys: url,"):
+        load_settings(write(tmp_path, '[vault]\nulr = "x"\n'), environ={})
+    with pytest.raises(ConfigError, match=r"unknown section \[valt\]"):
+        load_settings(write(tmp_path, '[valt]\nurl = "x"\n'), environ={})
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(str(tmp_path / "nope.toml"), environ={})
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_settings(write(tmp_path, "[vault\nurl="), environ={})
+
+
+def test_every_key_has_a_documented_environment_variable():
+    names = {env for env, _key, _default in describe_env_overrides()}
+    assert {"PGVAULT_VAULT_URL", "PGVAULT_POSTGRES_DATA_DIR", "PGVAULT_ENCRYPTION_KEY_FILE",
+            "PGVAULT_COMPRESSION_ALGORITHM", "PGVAULT_ARCHIVE_ASYNC"} <= names
+    with open(Path(__file__).parents[1] / "README.md") as f:
+        readme = f.read()
+    missing = sorted(n for n in names if n not in readme)
+    assert not missing, f"README does not document {missing}"
