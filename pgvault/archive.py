@@ -135,17 +135,19 @@ def select_archived(storage: Storage, name: str, *, record: VaultRecord) -> Arch
 def fetch_wal_file(name: str, dest: str, *, storage: Storage, record: VaultRecord, keyring) -> ArchivedWal:
     """Write WAL file ``name`` from the vault to ``dest``, verified; WalNotFoundError if absent."""
     entry = select_archived(storage, name, record=record)
-    write_verified(storage, entry, dest, keyring=keyring)
+    write_verified(storage, entry, dest, keyring=keyring, require_encryption=record.encryption_key_id is not None)
     return entry
 
 
-def write_verified(storage: Storage, entry: ArchivedWal, dest: str, *, keyring) -> None:
+def write_verified(storage: Storage, entry: ArchivedWal, dest: str, *, keyring, require_encryption: bool) -> None:
     """Decode ``entry`` into a temporary file beside ``dest`` and rename it into place."""
     directory = os.path.dirname(os.path.abspath(dest))
     tmp = os.path.join(directory, f".pgvault-{os.getpid()}-{os.path.basename(dest)}.tmp")
     try:
         with storage.open(entry.key) as src, open(tmp, "wb") as out:
-            decoder = codec.decode(src, name=entry.key, keyring=keyring, expected_sha256=entry.sha256)
+            # In an encrypted vault an unencrypted object can only be a substitute: refuse it.
+            decoder = codec.decode(src, name=entry.key, keyring=keyring, expected_sha256=entry.sha256,
+                                   require_encryption=require_encryption)
             while block := decoder.read(HASH_BLOCK):
                 out.write(block)
         os.rename(tmp, dest)

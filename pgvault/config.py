@@ -17,11 +17,13 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pgvault import configpath
+from pgvault.configpath import env_var_name
 from pgvault.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = "/etc/pgvault/pgvault.toml"
+DEFAULT_CONFIG_PATH = configpath.DEFAULT_CONFIG_PATH
 DEFAULT_VAULT_URL = "file:///var/lib/pgvault/vault"
-DEFAULT_SPOOL_DIR = "/var/lib/pgvault/spool"
+DEFAULT_SPOOL_DIR = configpath.DEFAULT_SPOOL_DIR
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,6 @@ def _fields(section_cls: type) -> dict[str, dataclasses.Field]:
     return {_toml_name(f.name): f for f in dataclasses.fields(section_cls)}
 
 
-def env_var_name(section: str, key: str) -> str:
-    return f"PGVAULT_{section.upper()}_{key.upper()}"
-
-
 def _expected(type_str: str) -> str:
     if "bool" in type_str:
         return "true or false"
@@ -145,20 +143,10 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is a directory") from None
 
 
-def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> str | None:
-    if cli_path:
-        return cli_path
-    if environ.get("PGVAULT_CONFIG"):
-        return environ["PGVAULT_CONFIG"]
-    if os.path.exists(DEFAULT_CONFIG_PATH):
-        return DEFAULT_CONFIG_PATH
-    return None
-
-
 def load_settings(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the config file (if any) and environment overrides into Settings."""
     environ = os.environ if environ is None else environ
-    path = resolve_config_path(cli_path, environ)
+    path = configpath.resolve_config_path(cli_path, environ, default_path=DEFAULT_CONFIG_PATH)
     raw = _read_file(path) if path else {}
     source = path or "built-in defaults"
 

@@ -33,13 +33,26 @@ def _fast_wal_push(argv: list[str]) -> bool:
     if parsed is None:
         return False
     try:
-        from pgvault.config import load_settings
+        import os
+        import tomllib
+
+        from pgvault import configpath
         from pgvault.spool import Spool
 
-        settings = load_settings(parsed[0])
-        if not settings.archive.async_:
+        path = configpath.resolve_config_path(parsed[0], os.environ)
+        raw = {}
+        if path:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        # Only three keys, unvalidated: a wrong value sends us to the full path, which validates.
+        async_ = configpath.raw_value(raw, os.environ, "archive", "async", False)
+        if async_ is not True and str(async_).lower() not in ("true", "1", "yes", "on"):
             return False
-        return Spool(settings.archive.spool_dir, settings.vault.cluster).consume_marker(parsed[1])
+        spool_dir = configpath.raw_value(raw, os.environ, "archive", "spool_dir", configpath.DEFAULT_SPOOL_DIR)
+        cluster = configpath.raw_value(raw, os.environ, "vault", "cluster", "main")
+        if not isinstance(spool_dir, str) or not isinstance(cluster, str) or "/" in cluster:
+            return False
+        return Spool(spool_dir, cluster).consume_marker(parsed[1])
     except Exception:
         return False  # any doubt: take the full path, which reports errors properly
 

@@ -80,7 +80,8 @@ def run_prefetch(name: str, *, storage: Storage, record: VaultRecord, keyring, s
         todo = [entries[n] for n in todo if n in entries]
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             results = list(pool.map(
-                lambda e: _fetch_quietly(storage, e, os.path.join(spool.restore_dir, e.name), keyring), todo))
+                lambda e: _fetch_quietly(storage, e, os.path.join(spool.restore_dir, e.name), keyring,
+                                         record.encryption_key_id is not None), todo))
         return sum(results)
     finally:
         lock.close()
@@ -97,9 +98,9 @@ def _archived_by_name(storage: Storage, names: list[str], *, segment_size: int) 
     return {n: copies[0] for n, copies in found.items() if len({c.sha256 for c in copies}) == 1}
 
 
-def _fetch_quietly(storage: Storage, entry: ArchivedWal, dest: str, keyring) -> bool:
+def _fetch_quietly(storage: Storage, entry: ArchivedWal, dest: str, keyring, require_encryption: bool) -> bool:
     try:
-        write_verified(storage, entry, dest, keyring=keyring)
+        write_verified(storage, entry, dest, keyring=keyring, require_encryption=require_encryption)
         return True
     except Exception:
         return False  # wal-fetch will fetch it directly and report any error properly

@@ -326,3 +326,34 @@ def test_prefetch_fills_the_spool_for_the_next_segments(pg_cluster, pg_tmp):
     (entry,) = find_archived(env.storage, names[1])
     assert file_sha256(dest)[0] == entry.sha256
     assert names[1] not in os.listdir(restore_spool)
+
+
+def test_encrypted_archive_round_trip_and_wrong_key(pg_cluster, pg_tmp):
+    base = os.path.join(pg_tmp, "dir with space")
+    os.makedirs(base)
+    key_file = os.path.join(base, "master.key")
+    other_key = os.path.join(base, "other.key")
+    chown_tree(pg_tmp)
+    assert run_pgvault("key", "generate", key_file, as_postgres=True).code == 0
+    assert run_pgvault("key", "generate", other_key, as_postgres=True).code == 0
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra=f'[encryption]\nkey_file = "{key_file}"')
+    name = env.switch()
+    env.wait_archived(name)
+    (entry,) = [i for i in env.storage.list("wal/") if i.key.split("/")[-1].startswith(name + ".")]
+    from pgvault.codec import read_header
+
+    with env.storage.open(entry.key) as f:
+        assert read_header(f).encrypted
+    work = scratch(env, "enc")
+    assert env.pgvault("wal-fetch", name, os.path.join(work, name)).code == 0
+    assert os.path.getsize(os.path.join(work, name)) == 16 * 1024 * 1024
+
+    wrong = env.config + ".wrong"
+    with open(env.config) as f:
+        text = f.read().replace(key_file, other_key)
+    with open(wrong, "w") as f:
+        f.write(text)
+    res = run_pgvault("wal-fetch", name, os.path.join(work, "again"), config=wrong, as_postgres=True)
+    assert res.code == 255
+    assert "is not a key of this vault" in res.err
+    assert not os.path.exists(os.path.join(work, "again"))
