@@ -212,6 +212,14 @@ def test_sigkill_midway_leaves_nothing_visible_and_retry_succeeds(backend, pg_cl
     subprocess.run(["pkill", "-9", "-f", flag], check=False)
     assert env.storage.stat(key) is None
     assert key not in {i.key for i in env.storage.list("wal/")}
+    # Retrying the same put succeeds: the killed attempt left nothing that blocks the name.
+    import io
+
+    payload = os.urandom(13 << 20)
+    env.storage.put(key, io.BytesIO(payload))
+    with env.storage.open(key) as f:
+        assert f.read() == payload
+    env.storage.delete(key)
     # The archive keeps working: the next segment goes through.
     later = env.switch()
     env.wait_archived(later)
