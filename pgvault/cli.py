@@ -100,17 +100,17 @@ def init(state: AppState, as_json: bool) -> None:
     from pgvault.vault import init_vault, read_vault_record
 
     settings = state.settings
+    # Vault and key first: they are pgvault's own to check; then ask PostgreSQL who it is.
     storage = context.storage_for(settings)
+    existing = read_vault_record(storage)
+    master = context.master_key_for(settings)
     facts = _cluster_identity(settings)
     key_id = None
-    master = context.master_key_for(settings)
-    if master is not None:
-        from pgvault.keys import create_vault_key, load_keyring
+    if master is not None and (existing is None or existing.system_identifier == facts[0]):
+        from pgvault.keys import create_vault_key
 
-        existing = read_vault_record(storage)
-        if existing is None or existing.system_identifier == facts[0]:
-            keyring = _keyring_or_none(storage, master)
-            key_id = keyring.current.key_id if keyring is not None else create_vault_key(storage, master).key_id
+        keyring = _keyring_or_none(storage, master)
+        key_id = keyring.current.key_id if keyring is not None else create_vault_key(storage, master).key_id
     result = init_vault(
         storage,
         cluster=settings.vault.cluster,
