@@ -417,5 +417,8 @@ def main() -> None:
     cli(prog_name="pgvault")
 
 
+# Commands of other modules register themselves on `cli` when imported.
+import pgvault.cli_dump  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()

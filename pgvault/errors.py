@@ -113,6 +113,19 @@ class CheckFailedError(PgvaultError):
     exit_code = 50
 
 
+class DumpError(PgvaultError):
+    """A logical dump or its restore failed: pg_dump/pg_restore of the wrong version or
+    failing, a database missing from the server or the dump, a target database that exists."""
+
+    exit_code = 60
+
+
+class TargetError(PgvaultError):
+    """A recovery target (`--to`) or timeline (`--timeline`) given on the command line is malformed."""
+
+    exit_code = 70
+
+
 #: Exit codes documented in the README, by class, in one place.
 EXIT_CODES: dict[type[PgvaultError], int] = {
     cls: cls.exit_code
@@ -132,5 +145,7 @@ EXIT_CODES: dict[type[PgvaultError], int] = {
         ForeignWalError,
         WalFormatError,
         CheckFailedError,
+        TargetError,
+        DumpError,
     )
 }
