@@ -126,6 +126,29 @@ class TargetError(PgvaultError):
     exit_code = 70
 
 
+class PlanError(PgvaultError):
+    """The target cannot be reached; ``earliest``/``latest`` bound what can be (None when nothing can)."""
+
+    exit_code = 71
+    default_hint = (
+        "choose a target inside the restorable window; `pgvault list` shows the archived WAL and its gaps"
+    )
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        earliest: "RestorablePoint | None" = None,
+        latest: "RestorablePoint | None" = None,
+        window: "RestorableWindow | None" = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.earliest = earliest
+        self.latest = latest
+        self.window = window
+
+
 #: Exit codes documented in the README, by class, in one place.
 EXIT_CODES: dict[type[PgvaultError], int] = {
     cls: cls.exit_code
@@ -146,6 +169,7 @@ EXIT_CODES: dict[type[PgvaultError], int] = {
         WalFormatError,
         CheckFailedError,
         TargetError,
+        PlanError,
         DumpError,
     )
 }
