@@ -96,7 +96,7 @@ pass_state = click.make_pass_decorator(AppState)
 @pass_state
 def init(state: AppState, as_json: bool) -> None:
     """Create the vault record for this cluster (a no-op if it is already this cluster's)."""
-    from pgvault import context, pg
+    from pgvault import context
     from pgvault.vault import init_vault, read_vault_record
 
     settings = state.settings
@@ -419,6 +419,7 @@ def main() -> None:
 
 # Commands of other modules register themselves on `cli` when imported.
 import pgvault.cli_dump  # noqa: E402,F401
+import pgvault.cli_backup  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

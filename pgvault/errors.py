@@ -7,6 +7,11 @@ Code below the CLI raises these and never prints; only the CLI catches broadly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for annotations: the planner imports this module
+    from pgvault.planner import RestorablePoint, RestorableWindow
+
 
 class PgvaultError(Exception):
     """Base of every error pgvault raises on purpose."""
@@ -138,9 +143,9 @@ class PlanError(PgvaultError):
         self,
         message: str,
         *,
-        earliest: "RestorablePoint | None" = None,
-        latest: "RestorablePoint | None" = None,
-        window: "RestorableWindow | None" = None,
+        earliest: RestorablePoint | None = None,
+        latest: RestorablePoint | None = None,
+        window: RestorableWindow | None = None,
         hint: str | None = None,
     ) -> None:
         super().__init__(message, hint=hint)

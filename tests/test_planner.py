@@ -20,7 +20,7 @@ from pgvault.planner import (
     plan_restore,
 )
 from pgvault.targets import Target, parse_target
-from pgvault.wal import HistoryEntry, lsn_to_prev_segno, lsn_to_segno, parse_lsn, parse_wal_file_name, segment_name
+from pgvault.wal import HistoryEntry, parse_lsn, parse_wal_file_name, segment_name
 
 UTC = timezone.utc
 MIB = 1024 * 1024
