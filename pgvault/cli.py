@@ -362,55 +362,123 @@ def wal_prefetch(state: AppState, name: str, count: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @pass_state
 def list_cmd(state: AppState, as_json: bool) -> None:
-    """What the vault holds: archived WAL per timeline (with gaps) and the newest archived segment."""
+    """What the vault holds: backups, dumps, archived WAL per timeline (with gaps), the restorable window."""
     from pgvault import context
-    from pgvault.catalog import list_archived_wal, summarize_wal
+    from pgvault.catalog import summarize_wal
+    from pgvault.dump import list_dumps
+    from pgvault.planner import describe_window, restorable_window
+    from pgvault.snapshot import load_catalog
     from pgvault.vault import require_vault_record
-    from pgvault.wal import segment_name
 
     settings = state.settings
     storage = context.storage_for(settings)
     record = require_vault_record(storage)
-    seg = record.wal_segment_size
-    timelines = summarize_wal(list_archived_wal(storage, segment_size=seg))
+    keyring = context.keyring_for(settings, storage)
+    loaded = load_catalog(storage, record=record, keyring=keyring)
+    snapshot = loaded.snapshot
+    dumps = list_dumps(storage, keyring, require_encryption=record.encryption_key_id is not None)
+    try:
+        window = describe_window(restorable_window(snapshot))
+    except PgvaultError as exc:  # e.g. the newest timeline's history file is missing
+        window = {"error": exc.message}
+    data = {
+        "vault": storage.description,
+        "cluster": record.cluster,
+        "system_identifier": str(record.system_identifier),
+        "backups": [_backup_row(m) for m in loaded.manifests.values()],
+        "dumps": [{"label": d.label, "started_at": d.started_at, "stopped_at": d.stopped_at,
+                   "databases": [db.name for db in d.databases], "database_bytes": d.size,
+                   "vault_bytes": d.stored_size, "duration_seconds": d.duration_seconds} for d in dumps],
+        "wal": _wal_rows(summarize_wal(snapshot.wal), record.wal_segment_size),
+        "newest_archived_segment_at": _when(max((w.completed_ms for w in snapshot.wal
+                                                 if w.file.kind == "segment"), default=0)),
+        "restorable_window": window,
+        "notes": list(loaded.notes),
+    }
+    if as_json:
+        emit_json(data)
+        return
+    _print_listing(data)
+
+
+def _when(ms: int) -> str | None:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds") if ms else None
+
+
+def _backup_row(m) -> dict:
+    from pgvault.wal import format_lsn
+
+    return {
+        "label": m.label, "type": m.type, "parent": m.parent, "timeline": m.timeline,
+        "start_time": m.start_time.isoformat(timespec="seconds"), "stop_time": m.stop_time.isoformat(timespec="seconds"),
+        "start_lsn": format_lsn(m.start_lsn), "stop_lsn": format_lsn(m.stop_lsn),
+        "database_bytes": m.bytes_read, "vault_bytes": m.bytes_stored, "duration_seconds": m.duration_seconds,
+        "backup_from": m.backup_from,
+    }
+
+
+def _wal_rows(timelines, segment_size: int) -> list[dict]:
+    from pgvault.wal import segment_name
 
     def name(tli: int, segno: int) -> str:
-        return segment_name(tli, segno, segment_size=seg)
+        return segment_name(tli, segno, segment_size=segment_size)
 
-    def when(ms: int) -> str | None:
-        from datetime import datetime, timezone
-
-        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds") if ms else None
-
-    wal = [{
+    return [{
         "timeline": t.timeline,
         "first": name(t.timeline, t.first_segno) if t.segments else None,
         "last": name(t.timeline, t.last_segno) if t.segments else None,
         "segments": t.segments,
         "bytes": t.bytes,
         "gaps": [{"from": name(t.timeline, a), "to": name(t.timeline, b), "missing": b - a + 1} for a, b in t.gaps],
-        "newest_completed_at": when(t.newest_completed_ms),
+        "newest_completed_at": _when(t.newest_completed_ms),
         "partial": list(t.partial),
         "history_file": t.has_history,
     } for t in timelines]
-    newest = max((t.newest_completed_ms for t in timelines), default=0)
-    data = {"vault": storage.description, "cluster": record.cluster, "wal": wal,
-            "newest_archived_segment_at": when(newest)}
-    if as_json:
-        emit_json(data)
-        return
-    click.echo(f"vault {storage.description} (cluster {record.cluster}, system identifier {record.system_identifier})")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _print_listing(data: dict) -> None:
+    click.echo(f"vault {data['vault']} (cluster {data['cluster']}, system identifier {data['system_identifier']})")
+    click.echo("backups:")
+    if not data["backups"]:
+        click.echo("  none yet (pgvault backup)")
+    for b in data["backups"]:
+        parent = f" <- {b['parent']}" if b["parent"] else ""
+        click.echo(f"  {b['label']}  {b['type']:<4} tl {b['timeline']}  {b['start_time']} .. {b['stop_time']}  "
+                   f"{b['start_lsn']} .. {b['stop_lsn']}  db {_mib(b['database_bytes'])}, vault {_mib(b['vault_bytes'])}, "
+                   f"{b['duration_seconds']:.1f} s{parent}")
+    click.echo("dumps:")
+    if not data["dumps"]:
+        click.echo("  none yet (pgvault dump)")
+    for d in data["dumps"]:
+        click.echo(f"  {d['label']}  {d['started_at']} .. {d['stopped_at']}  {', '.join(d['databases'])}  "
+                   f"db {_mib(d['database_bytes'])}, vault {_mib(d['vault_bytes'])}")
     click.echo("archived WAL:")
-    if not wal:
+    if not data["wal"]:
         click.echo("  none yet")
-    for w in wal:
+    for w in data["wal"]:
         span = f"{w['first']} .. {w['last']}" if w["segments"] else "no segments"
-        click.echo(f"  timeline {w['timeline']}: {span}  ({w['segments']} segments, {w['bytes'] / 2**20:.0f} MiB)")
+        click.echo(f"  timeline {w['timeline']}: {span}  ({w['segments']} segments, {_mib(w['bytes'])})")
         for g in w["gaps"]:
             click.echo(f"    GAP: {g['from']} .. {g['to']} ({g['missing']} missing)")
         for p in w["partial"]:
             click.echo(f"    partial: {p}")
     click.echo(f"newest archived segment completed at: {data['newest_archived_segment_at'] or '-'}")
+    window = data["restorable_window"]
+    if "error" in window:
+        click.echo(f"restorable window: unknown ({window['error']})")
+    elif not window.get("intervals"):
+        click.echo("restorable window: nothing is restorable yet (take a backup)")
+    else:
+        spans = ", ".join(f"{i['start']['time']} .. {i['end']['time']}" for i in window["intervals"])
+        click.echo(f"restorable window (timeline {window['timeline']}): {spans}")
+    for note in data["notes"]:
+        click.echo(f"note: {note}")
 
 
 def main() -> None:

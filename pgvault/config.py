@@ -65,6 +65,14 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    parallel: int = 2
+    from_: str = "any"  # "from" is a Python keyword; the TOML key is "from"
+    block_size_kib: int = 256
+    wal_timeout: int = 120
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str  # the file the settings came from, or "built-in defaults"
     vault: VaultSettings = VaultSettings()
@@ -72,6 +80,7 @@ class Settings:
     encryption: EncryptionSettings = EncryptionSettings()
     compression: CompressionSettings = CompressionSettings()
     archive: ArchiveSettings = ArchiveSettings()
+    backup: BackupSettings = BackupSettings()
 
 
 _SECTIONS: dict[str, type] = {
@@ -80,6 +89,7 @@ _SECTIONS: dict[str, type] = {
     "encryption": EncryptionSettings,
     "compression": CompressionSettings,
     "archive": ArchiveSettings,
+    "backup": BackupSettings,
 }
 
 # Constraints beyond the type: key -> (check, what is expected).
@@ -91,6 +101,12 @@ _CHOICES: dict[tuple[str, str], tuple[Any, str]] = {
     ("vault", "sse"): (lambda v: v in ("AES256", "aws:kms"), '"AES256" or "aws:kms"'),
     ("archive", "parallel"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
     ("archive", "prefetch"): (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
+    ("backup", "parallel"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+    ("backup", "from"): (lambda v: v in ("primary", "standby", "any"), '"primary", "standby" or "any"'),
+    # a power of two from 8 KiB (one PostgreSQL page) to 64 MiB (one data object)
+    ("backup", "block_size_kib"): (lambda v: 8 <= v <= 65536 and v & (v - 1) == 0,
+                                   "a power of two from 8 to 65536"),
+    ("backup", "wal_timeout"): (lambda v: 1 <= v <= 86400, "an integer from 1 to 86400 (seconds)"),
 }
 
 

@@ -131,6 +131,30 @@ class TargetError(PgvaultError):
     exit_code = 70
 
 
+class BackupError(PgvaultError):
+    """A backup cannot be taken or read: wrong data directory, archiving off, role mismatch, bad manifest."""
+
+    exit_code = 80
+
+
+class BackupInProgressError(BackupError):
+    """Another backup of this cluster holds the backup lock."""
+
+    exit_code = 81
+
+
+class WalArchiveTimeoutError(BackupError):
+    """The WAL a backup needs did not reach the vault in time: the backup is not committed."""
+
+    exit_code = 82
+
+
+class BackupNotFoundError(BackupError):
+    """No committed backup (manifest) has this label."""
+
+    exit_code = 83
+
+
 class PlanError(PgvaultError):
     """The target cannot be reached; ``earliest``/``latest`` bound what can be (None when nothing can)."""
 
@@ -175,6 +199,10 @@ EXIT_CODES: dict[type[PgvaultError], int] = {
         CheckFailedError,
         TargetError,
         PlanError,
+        BackupError,
+        BackupInProgressError,
+        WalArchiveTimeoutError,
+        BackupNotFoundError,
         DumpError,
     )
 }

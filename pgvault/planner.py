@@ -743,3 +743,11 @@ def format_plan(plan: Plan) -> str:
     lines.extend(f"            {s}" for s in settings[1:])
     lines.extend(f"  note: {n}" for n in plan.notes)
     return "\n".join(lines)
+
+
+def restorable_window(snapshot: CatalogSnapshot, *, timeline: int | str = "latest") -> RestorableWindow:
+    """What can be restored today on ``timeline`` (``"latest"``: the newest timeline), with no target in mind."""
+    check_segment_size(snapshot.segment_size)
+    index = _Index(snapshot)
+    tli = _resolve_timeline(snapshot, index, Target(kind="latest"), timeline)
+    return _View(snapshot, index, tli).window

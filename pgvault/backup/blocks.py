@@ -1,0 +1,168 @@
+"""Reading files as fixed-size blocks, hashing each block as it passes.
+
+``hash_blocks`` reads a range of a file only to hash it (an incremental's
+comparison pass). ``PieceReader`` is the source stream of one data object: it
+reads the listed blocks of several files back to back, straight into the
+encoder's buffer (no copy), hashing every block on the way, and records where
+each file's blocks landed in the object. hashlib releases the GIL, so the
+workers of a parallel backup hash at the same time.
+
+Files are read while PostgreSQL writes them (that is what an online backup
+is; WAL replay repairs it): a file may shrink, grow or vanish under us. A read
+that comes up short ends that file's piece; a vanished file is flagged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+
+from pgvault.backup.errors import BackupError
+from pgvault.backup.manifest import HASH_HEX
+
+
+def block_hash(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()[:HASH_HEX]
+
+
+def _open(path: str) -> int | None:
+    """A read-only descriptor, or None if the file is gone (dropped while the backup runs)."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        hint = "run the backup as the user that owns the data directory (postgres)" if exc.errno == errno.EACCES else None
+        raise BackupError(f"cannot read {path}: {exc.strerror}", hint=hint) from None
+
+
+@dataclass
+class HashResult:
+    hashes: list[str]
+    lengths: list[int]  # bytes in each hashed block; a short one is the file's last
+    vanished: bool = False
+
+
+_buffers = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) != size:
+        buf = _buffers.buf = memoryview(bytearray(size))
+    return buf
+
+
+def hash_blocks(path: str, first: int, count: int, block_size: int) -> HashResult:
+    """Hashes of blocks ``first .. first + count - 1`` of ``path``, up to its end."""
+    fd = _open(path)
+    if fd is None:
+        return HashResult([], [], vanished=True)
+    result = HashResult([], [])
+    buf = _buffer(block_size)  # reused per thread: no fresh memory for every block
+    try:
+        for block in range(first, first + count):
+            n = _read_full(fd, buf, block * block_size)
+            if n == 0:
+                break
+            result.hashes.append(block_hash(buf[:n]))
+            result.lengths.append(n)
+            if n < block_size:
+                break
+    finally:
+        os.close(fd)
+    return result
+
+
+def _read_full(fd: int, view: memoryview, offset: int) -> int:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+@dataclass
+class Piece:
+    """Blocks of one file to store back to back in one object; filled in as they are read."""
+
+    path: str  # absolute path of the file
+    blocks: list[int]  # ascending block indexes to read
+    offset: int = -1  # where the first block starts in the object's plaintext
+    hashes: list[str] = field(default_factory=list)  # of the blocks read, in order
+    lengths: list[int] = field(default_factory=list)
+    vanished: bool = False
+
+
+class PieceReader(io.RawIOBase):
+    """The plaintext of one data object: its pieces' blocks, read and hashed in order."""
+
+    def __init__(self, pieces: list[Piece], block_size: int) -> None:
+        self._pieces = iter(pieces)
+        self._bs = block_size
+        self._piece: Piece | None = None
+        self._fd: int | None = None
+        self._index = 0  # into self._piece.blocks
+        self._got = 0  # bytes of the current block read so far
+        self._sha = hashlib.sha256()
+        self.position = 0  # bytes of plaintext produced
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, view) -> int:
+        view = memoryview(view).cast("B")
+        filled = 0
+        while filled < len(view):
+            if self._fd is None and not self._next_piece():
+                break
+            assert self._piece is not None and self._fd is not None
+            block = self._piece.blocks[self._index]
+            want = min(self._bs - self._got, len(view) - filled)
+            n = os.preadv(self._fd, [view[filled:filled + want]], block * self._bs + self._got)
+            if n:
+                self._sha.update(view[filled:filled + n])
+                filled += n
+                self._got += n
+                self.position += n
+            if n == 0 or self._got == self._bs:
+                self._end_block(at_eof=n == 0)
+        return filled
+
+    def _next_piece(self) -> bool:
+        while True:
+            self._piece = next(self._pieces, None)
+            if self._piece is None:
+                return False
+            self._piece.offset = self.position
+            self._fd = _open(self._piece.path)
+            if self._fd is not None:
+                self._index, self._got, self._sha = 0, 0, hashlib.sha256()
+                return True
+            self._piece.vanished = True
+
+    def _end_block(self, *, at_eof: bool) -> None:
+        piece = self._piece
+        assert piece is not None
+        if self._got:
+            piece.hashes.append(self._sha.hexdigest()[:HASH_HEX])
+            piece.lengths.append(self._got)
+        self._index += 1
+        self._got, self._sha = 0, hashlib.sha256()
+        if at_eof or self._index == len(piece.blocks) or (piece.lengths and piece.lengths[-1] < self._bs):
+            self._close_piece()
+
+    def _close_piece(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+
+    def close(self) -> None:
+        self._close_piece()
+        super().close()

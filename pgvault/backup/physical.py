@@ -1,0 +1,322 @@
+"""take_backup: one physical base backup, full or incremental, from start to commit.
+
+Order matters, and is what makes a backup trustworthy:
+
+1. check the server, its role and the data directory; take the backup lock;
+   delete leftovers of interrupted backups;
+2. pg_backup_start (immediate checkpoint), on a connection held open throughout;
+3. copy the data directory into data objects (see ``copy``), pg_control last;
+4. pg_backup_stop: the stop LSN, and the backup_label / tablespace_map to restore;
+5. store files.jsonl;
+6. wait until the WAL from the start to the stop LSN is in the vault;
+7. write manifest.json — the commit: before it, no listing shows the backup.
+
+A failure anywhere leaves no manifest; this run deletes what it wrote when it
+can, and the next backup deletes whatever is left.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+from pgvault import __version__, pg
+from pgvault.backup import layout
+from pgvault.backup.blockmap import merge_join
+from pgvault.backup.copy import OBJECT_SIZE, Copier, CopyProgress, CopyStats
+from pgvault.backup.errors import BackupError
+from pgvault.backup.leftovers import find_leftovers, remove_leftovers
+from pgvault.backup.lock import BackupLock
+from pgvault.backup.manifest import (
+    FORMAT_VERSION,
+    FileEntry,
+    FilesWriter,
+    Manifest,
+    SpooledFiles,
+    Tablespace,
+    check_coverage,
+    committed_labels,
+    read_manifest,
+    write_manifest,
+)
+from pgvault.backup.scan import ScanEntry, scan_data_dir
+from pgvault.backup.session import (
+    BackupSession,
+    StopResult,
+    archiver_hint,
+    check_node,
+    label_timeline,
+    wait_for_wal,
+    wal_segments,
+)
+from pgvault.errors import PgvaultError
+from pgvault.storage import Storage
+from pgvault.vault import VaultRecord
+
+DEFAULT_BLOCK_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class BackupProgress:
+    phase: str  # "copy", then "wal" while waiting for the archive
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    waiting_for: str | None = None  # the WAL segment awaited
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    manifest: Manifest
+    notices: tuple[str, ...]
+    objects: int  # data objects written
+    reused_files: int  # files of an incremental not read at all (unchanged since the parent)
+
+    def to_dict(self) -> dict:
+        m = self.manifest
+        d = m.to_dict()
+        return {
+            "label": m.label,
+            "type": m.type,
+            "requested": m.requested_type,
+            "parent": m.parent,
+            "start_time": d["start_time"],
+            "stop_time": d["stop_time"],
+            "start_lsn": d["start_lsn"],
+            "stop_lsn": d["stop_lsn"],
+            "start_wal": m.start_wal,
+            "stop_wal": m.stop_wal,
+            "timeline": m.timeline,
+            "backup_from": m.backup_from,
+            "bytes_read": m.bytes_read,
+            "bytes_stored": m.bytes_stored,
+            "duration_seconds": m.duration_seconds,
+            "file_count": m.file_count,
+            "objects": self.objects,
+            "reused_files": self.reused_files,
+            "notices": list(self.notices),
+        }
+
+
+def take_backup(
+    *,
+    storage: Storage,
+    record: VaultRecord,
+    options,
+    conninfo: str,
+    data_dir: str,
+    tmp_dir: str,
+    lock_dir: str,
+    backup_type: str = "full",
+    parallel: int = 2,
+    backup_from: str = "any",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    wal_timeout: float = 120.0,
+    keyring=None,
+    require_encryption: bool = False,
+    progress: Callable[[BackupProgress], None] | None = None,
+    notify: Callable[[str], None] | None = None,
+    object_size: int = OBJECT_SIZE,
+) -> BackupResult:
+    """Take one backup of the cluster at ``conninfo`` whose files are in ``data_dir``; commit it to ``storage``.
+
+    ``options`` is the archive's CodecOptions; ``tmp_dir`` holds files.jsonl while
+    it is written; ``lock_dir`` the local lock file. ``notify`` receives what the
+    operator should be told as it happens (also returned in ``notices``).
+    """
+    if backup_type not in layout.TYPE_LETTERS:
+        raise ValueError(f"backup_type must be one of {', '.join(layout.TYPE_LETTERS)}")
+    started = time.monotonic()
+    data_dir = os.path.abspath(data_dir)
+    notices: list[str] = []
+    for directory in {tmp_dir, lock_dir}:
+        try:
+            os.makedirs(directory, exist_ok=True)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError(13, "permission denied")
+        except OSError as exc:
+            raise BackupError(f"cannot use the work directory {directory}: {exc.strerror}",
+                              hint="[archive] spool_dir must be writable by the user running the backup") from None
+
+    def say(message: str) -> None:
+        notices.append(message)
+        if notify is not None:
+            notify(message)
+
+    with pg.connect(conninfo) as conn:
+        node = check_node(conn, conninfo=conninfo, data_dir=data_dir, backup_from=backup_from,
+                          system_identifier=record.system_identifier)
+        lock, parent, label = _lock_and_label(storage, backup_type=backup_type, block_size=block_size,
+                                              lock_dir=lock_dir, keyring=keyring,
+                                              require_encryption=require_encryption, say=say)
+        committed = False
+        try:
+            for notice in remove_leftovers(storage, find_leftovers(storage)):
+                say(notice)
+            session = BackupSession(conn, node.facts)
+            start_lsn, start_time = session.start(label)
+            copied = _copy(storage, session, label=label, data_dir=data_dir, major=node.facts.major_version,
+                           parent=parent, options=options, keyring=keyring, require_encryption=require_encryption,
+                           tmp_dir=tmp_dir, block_size=block_size, parallel=parallel, object_size=object_size,
+                           progress=progress)
+            stop, stats = copied.stop, copied.stats
+            timeline = label_timeline(stop.backup_label)
+            segments = wal_segments(timeline=timeline, start_lsn=start_lsn, stop_lsn=stop.stop_lsn,
+                                    segment_size=record.wal_segment_size)
+
+            def waiting(name: str) -> None:
+                if progress is not None:
+                    progress(BackupProgress("wal", stats.bytes_read, stats.bytes_read, stats.files, stats.files, name))
+
+            wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
+                         hint=lambda name: archiver_hint(conn, node.role, name), on_wait=waiting)
+            manifest = Manifest(
+                format_version=FORMAT_VERSION, label=label, type="incr" if parent else "full",
+                requested_type=backup_type, parent=parent.label if parent else None,
+                system_identifier=record.system_identifier, pg_major_version=node.facts.major_version,
+                wal_segment_size=record.wal_segment_size, timeline=timeline, start_lsn=start_lsn,
+                stop_lsn=stop.stop_lsn, start_wal=segments[0], stop_wal=segments[-1], start_time=start_time,
+                stop_time=stop.stop_time, backup_from=node.role, backup_label=stop.backup_label,
+                tablespace_map=stop.tablespace_map, tablespaces=copied.tablespaces, block_size=block_size,
+                files_object=layout.files_key(label), files_sha256=copied.files_sha256, file_count=stats.files,
+                bytes_read=stats.bytes_read, bytes_stored=stats.bytes_stored + copied.files_stored,
+                duration_seconds=round(time.monotonic() - started, 3), pgvault_version=__version__,
+            )
+            write_manifest(storage, manifest, options=options)
+            committed = True
+        finally:
+            if not committed:
+                _discard(storage, label)
+                try:
+                    lock.release()
+                except PgvaultError:
+                    pass  # the error on its way out matters more; a stale lock is reclaimed next time
+        try:
+            lock.release()
+        except PgvaultError as exc:  # committed: the backup is good; a stale lock is reclaimed next time
+            say(f"the backup is committed, but its lock could not be removed: {exc.message}")
+    return BackupResult(manifest=manifest, notices=tuple(notices), objects=stats.objects,
+                        reused_files=stats.reused_files)
+
+
+@dataclass(frozen=True)
+class _Copied:
+    stats: CopyStats
+    stop: StopResult
+    files_sha256: str
+    files_stored: int
+    tablespaces: tuple[Tablespace, ...]
+
+
+def _copy(storage: Storage, session: BackupSession, *, label: str, data_dir: str, major: int,
+          parent: Manifest | None, options, keyring, require_encryption: bool, tmp_dir: str, block_size: int,
+          parallel: int, object_size: int, progress: Callable[[BackupProgress], None] | None) -> _Copied:
+    """Between pg_backup_start and the WAL wait: copy the files, stop the backup, store files.jsonl."""
+    tablespaces: list[Tablespace] = []
+    scan = _noting_tablespaces(scan_data_dir(data_dir, pg_major_version=major), tablespaces)
+    files_total, bytes_total = _totals(data_dir, major) if progress else (0, 0)
+
+    def copy_progress(p: CopyProgress) -> None:
+        if progress is not None:
+            progress(BackupProgress("copy", min(p.bytes_done, bytes_total), bytes_total, p.files_done, files_total))
+
+    spooled = None
+    writer = FilesWriter(tmp_dir)
+    try:
+        parents: Iterator[FileEntry] = iter(())
+        if parent is not None:
+            spooled = SpooledFiles(storage, parent, keyring=keyring, require_encryption=require_encryption,
+                                   tmp_dir=tmp_dir)
+            parents = _checked(iter(spooled), parent)
+        copier = Copier(storage=storage, data_dir=data_dir, label=label, options=options, writer=writer,
+                        block_size=block_size, parallel=parallel, object_size=object_size,
+                        trust_mtime_before=parent.start_time.timestamp() - 1 if parent else None,
+                        progress=copy_progress)
+        stats = copier.run(merge_join(scan, parents))
+        stop = session.stop()
+        files_sha, _size, files_stored = writer.store(storage, layout.files_key(label), options=options)
+    finally:
+        writer.close()
+        if spooled is not None:
+            spooled.close()
+    return _Copied(stats, stop, files_sha, files_stored, tuple(tablespaces))
+
+
+def _lock_and_label(storage: Storage, *, backup_type: str, block_size: int, lock_dir: str, keyring,
+                    require_encryption: bool, say: Callable[[str], None]):
+    """Take the lock under a fresh label; (lock, parent manifest or None, label).
+
+    The label must sort after every committed backup, which only the lock
+    holder can know for sure: if a backup committed between our listing and
+    our lock, list again under a new label.
+    """
+    for _attempt in range(3):
+        labels = committed_labels(storage)
+        parent, fallback = _choose_parent(storage, labels, backup_type=backup_type, block_size=block_size,
+                                          keyring=keyring, require_encryption=require_encryption)
+        kind = "incr" if parent is not None else "full"
+        label = layout.next_label(datetime.now(timezone.utc), kind, labels)
+        lock = BackupLock(storage, label=label, lock_dir=lock_dir)
+        for notice in lock.acquire():
+            say(notice)
+        if committed_labels(storage) == labels:
+            if fallback:
+                say(fallback)
+            return lock, parent, label
+        lock.release()
+    raise PgvaultError("backups keep committing while this one starts; try again")
+
+
+def _choose_parent(storage: Storage, labels: list[str], *, backup_type: str, block_size: int, keyring,
+                   require_encryption: bool) -> tuple[Manifest | None, str | None]:
+    """The backup an incremental builds on (the newest), or None and why a full backup is taken instead."""
+    if backup_type == "full":
+        return None, None
+    if not labels:
+        return None, "no backup to build an incremental on yet: taking a full backup"
+    newest = read_manifest(storage, labels[-1], keyring=keyring, require_encryption=require_encryption)
+    if newest.block_size != block_size:
+        return None, (f"the newest backup {newest.label} uses {newest.block_size // 1024} KiB blocks, this one "
+                      f"{block_size // 1024} KiB: taking a full backup")
+    return newest, None
+
+
+def _checked(entries: Iterator[FileEntry], parent: Manifest) -> Iterator[FileEntry]:
+    where = f"backup {parent.label}"
+    for entry in entries:
+        if entry.type == "file":
+            check_coverage(entry, parent.block_size, where=where)
+        yield entry
+
+
+def _noting_tablespaces(entries: Iterator[ScanEntry], out: list[Tablespace]) -> Iterator[ScanEntry]:
+    for entry in entries:
+        parts = entry.path.split("/")
+        if entry.type == "link" and len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1].isdigit():
+            out.append(Tablespace(int(parts[1]), entry.target or ""))
+        yield entry
+
+
+def _totals(data_dir: str, major: int) -> tuple[int, int]:
+    """Files and bytes to back up, for the progress bar: a walk of the directory without reading."""
+    files = size = 0
+    for entry in scan_data_dir(data_dir, pg_major_version=major):
+        if entry.type == "file":
+            files += 1
+            size += entry.size
+    return files, size
+
+
+def _discard(storage: Storage, label: str) -> None:
+    """Best effort: delete what an uncommitted backup wrote; the next backup deletes what remains."""
+    try:
+        if storage.stat(layout.manifest_key(label)) is not None:
+            return  # the commit went through after all (an error on the way back): keep it
+        for info in list(storage.list(layout.backup_prefix(label))):
+            storage.delete(info.key)
+    except PgvaultError:
+        pass

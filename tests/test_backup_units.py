@@ -1,0 +1,599 @@
+"""The pure and local parts of physical backups: no server, real files in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+
+from pgvault.archive import CodecOptions
+from pgvault.backup import layout
+from pgvault.backup.blockmap import (
+    Location,
+    block_locations,
+    changed_blocks,
+    contiguous_length,
+    group_sources,
+    merge_join,
+)
+from pgvault.backup.blocks import Piece, PieceReader, block_hash, hash_blocks
+from pgvault.backup.copy import Copier
+from pgvault.backup.errors import BackupError, BackupInProgressError
+from pgvault.backup.leftovers import find_leftovers, remove_leftovers
+from pgvault.backup.lock import BackupLock, LockHolder, holder_is_dead, read_holder
+from pgvault.backup.manifest import (
+    FileEntry,
+    FilesWriter,
+    Manifest,
+    Source,
+    SpooledFiles,
+    Tablespace,
+    check_coverage,
+    check_path,
+    iter_files,
+    list_backups,
+    path_key,
+    read_manifest,
+    write_manifest,
+)
+from pgvault.backup.materialize import materialize_backup
+from pgvault.backup.scan import excluded_names, scan_data_dir
+from pgvault.backup.session import parse_backup_label, parse_tablespace_map, wal_segments
+from pgvault.config import load_settings
+from pgvault.errors import ConfigError, CorruptObjectError
+from pgvault.progressbar import format_bytes, render
+from pgvault.storage.local import LocalStorage
+from pgvault.wal import parse_lsn
+
+KIB = 1024
+
+
+# --- layout -----------------------------------------------------------------
+
+
+def test_labels_format_and_parse():
+    when = datetime(2026, 11, 27, 20, 30, 0, 999, tzinfo=timezone.utc)
+    assert layout.format_label(when, "full") == "20261127T203000ZF"
+    assert layout.format_label(when, "incr") == "20261127T203000ZI"
+    assert layout.parse_label("20261127T203000ZI") == (when.replace(microsecond=0), "incr")
+    for bad in ("20261127T203000Z", "20261127T203000ZX", "20261327T203000ZF", "x20261127T203000ZF", "", None):
+        assert layout.parse_label(bad) is None
+    with pytest.raises(BackupError, match="invalid backup label 'nope': expected e.g. 20261127T203000ZF"):
+        layout.check_label("nope")
+
+
+def test_next_label_is_unique_and_later_than_every_existing_one():
+    now = datetime(2026, 11, 27, 20, 30, 0, tzinfo=timezone.utc)
+    assert layout.next_label(now, "full", []) == "20261127T203000ZF"
+    assert layout.next_label(now, "incr", ["20261127T203000ZF"]) == "20261127T203001ZI"
+    assert layout.next_label(now, "full", ["20261127T203005ZI", "junk"]) == "20261127T203006ZF"
+    assert layout.next_label(now, "full", ["20261127T202959ZF"]) == "20261127T203000ZF"
+
+
+@pytest.mark.parametrize("key, parsed", [
+    ("backups/20261127T203000ZF/manifest.json", layout.BackupKey("20261127T203000ZF", "manifest")),
+    ("backups/20261127T203000ZF/files.jsonl", layout.BackupKey("20261127T203000ZF", "files")),
+    ("backups/20261127T203000ZI/data/000012", layout.BackupKey("20261127T203000ZI", "data", 12)),
+    ("backups/20261127T203000ZI/data/1234567", layout.BackupKey("20261127T203000ZI", "data", 1234567)),
+    ("backups/20261127T203000ZI/data/12", None),
+    ("backups/notalabel/manifest.json", None),
+    ("backups/20261127T203000ZF/other", None),
+    ("wal/0000000100000000/x", None),
+])
+def test_parse_backup_key(key, parsed):
+    assert layout.parse_backup_key(key) == parsed
+
+
+def test_keys_round_trip():
+    label = "20261127T203000ZF"
+    assert layout.parse_backup_key(layout.data_key(label, 7)) == layout.BackupKey(label, "data", 7)
+    assert layout.data_key(label, 7) == "backups/20261127T203000ZF/data/000007"
+    assert layout.parse_backup_key(layout.manifest_key(label)).kind == "manifest"
+    assert layout.parse_backup_key(layout.files_key(label)).kind == "files"
+
+
+# --- exclusions and the scan --------------------------------------------------
+
+
+@pytest.mark.parametrize("directory, names, excluded", [
+    ("", ["postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "current_logfiles",
+          "postgresql.conf", "PG_VERSION", "backup_manifest", "postgresql.auto.conf.tmp", "pgsql_tmp"],
+     {"postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "current_logfiles",
+      "backup_manifest", "postgresql.auto.conf.tmp", "pgsql_tmp"}),
+    ("pg_wal", ["000000010000000000000001", "archive_status", "000000010000000000000001.partial"],
+     {"000000010000000000000001", "000000010000000000000001.partial"}),
+    ("pg_wal/archive_status", ["000000010000000000000001.done"], {"000000010000000000000001.done"}),
+    ("pg_replslot", ["slot1"], {"slot1"}),
+    ("pg_stat_tmp", ["global.stat"], {"global.stat"}),
+    ("pg_subtrans", ["0000"], {"0000"}),
+    ("pg_notify", ["0000"], {"0000"}),
+    ("pg_xact", ["0000"], set()),
+    ("global", ["pg_control", "pg_internal.init", "pg_internal.init.123", "1262"],
+     {"pg_internal.init", "pg_internal.init.123"}),
+    ("base/5", ["1259", "1259_fsm", "t3_16384", "t3_16384_fsm", "t3_16384.1", "pgsql_tmp",
+                "16390", "16390_init", "16390_fsm", "16390.1", "16391", "backup_label"],
+     {"t3_16384", "t3_16384_fsm", "t3_16384.1", "pgsql_tmp", "16390", "16390_fsm", "16390.1"}),
+    ("pg_tblspc/16400/PG_15_202209061/5", ["16401", "16401_init", "16402", "t4_1"], {"16401", "t4_1"}),
+    ("base/pgsql_tmp", [], set()),
+    ("log", ["postgresql.log"], set()),  # server logs in the data directory are kept, as pg_basebackup does
+])
+def test_excluded_names(directory, names, excluded):
+    assert excluded_names(directory, names) == excluded
+
+
+def make_data_dir(root, tablespace_dir=None):
+    """A small fake data directory: enough structure for the scan's rules."""
+    files = {
+        "PG_VERSION": b"15\n",
+        "postgresql.conf": b"# conf\n",
+        "postmaster.pid": b"123\n",
+        "backup_label": b"stale\n",
+        "global/pg_control": os.urandom(8192),
+        "global/1262": os.urandom(8192),
+        "global/pg_internal.init": b"cache",
+        "base/1/1259": os.urandom(3 * 8192),
+        "base/1/1259_fsm": os.urandom(24576),
+        "base/1/t3_999": b"temp",
+        "base/10/2600": b"",
+        "base/1-x/note": b"odd directory name",
+        "pg_wal/000000010000000000000001": b"wal",
+        "pg_wal/archive_status/000000010000000000000001.done": b"",
+        "pg_replslot/s/state": b"slot",
+        "pg_xact/0000": os.urandom(8192),
+    }
+    for path, data in files.items():
+        full = os.path.join(root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(data)
+    os.makedirs(os.path.join(root, "pg_tblspc"))
+    os.makedirs(os.path.join(root, "pg_stat_tmp"))
+    if tablespace_dir:
+        for sub, data in (("PG_15_202209061/1/16500", os.urandom(300 * KIB)), ("PG_14_201909212/1/1", b"old")):
+            full = os.path.join(tablespace_dir, sub)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as f:
+                f.write(data)
+        os.symlink(tablespace_dir, os.path.join(root, "pg_tblspc", "16400"))
+    return files
+
+
+def test_scan_order_exclusions_and_tablespaces(tmp_path):
+    data = tmp_path / "data"
+    make_data_dir(str(data), tablespace_dir=str(tmp_path / "ts"))
+    entries = list(scan_data_dir(str(data), pg_major_version=15))
+    paths = [e.path for e in entries]
+    assert paths == sorted(paths, key=path_key)
+    assert paths == [
+        "PG_VERSION", "base", "base/1", "base/1/1259", "base/1/1259_fsm", "base/1-x", "base/1-x/note",
+        "base/10", "base/10/2600", "global", "global/1262", "global/pg_control",
+        "pg_replslot", "pg_stat_tmp", "pg_tblspc", "pg_tblspc/16400", "pg_tblspc/16400/PG_15_202209061",
+        "pg_tblspc/16400/PG_15_202209061/1", "pg_tblspc/16400/PG_15_202209061/1/16500",
+        "pg_wal", "pg_wal/archive_status", "pg_xact", "pg_xact/0000", "postgresql.conf",
+    ]
+    by_path = {e.path: e for e in entries}
+    assert by_path["pg_tblspc/16400"].type == "link"
+    assert by_path["pg_tblspc/16400"].target == str(tmp_path / "ts")
+    assert by_path["base/1/1259"].size == 3 * 8192 and by_path["base/1"].type == "dir"
+
+
+# --- block bookkeeping ----------------------------------------------------------
+
+
+def test_group_sources_merges_blocks_back_to_back_in_one_object():
+    bs = 100
+    locs = {
+        0: Location("o1", "s1", 0), 1: Location("o1", "s1", 100), 2: Location("o2", "s2", 500),
+        3: Location("o1", "s1", 200), 5: Location("o2", "s2", 600), 4: Location("o1", "s1", 900),
+    }
+    assert group_sources(locs, bs) == (
+        Source("o1", "s1", 0, (0, 1, 3)),
+        Source("o2", "s2", 500, (2, 5)),
+        Source("o1", "s1", 900, (4,)),
+    )
+    entry = FileEntry("f", "file", mode=0o600, size=550, blocks=("0" * 32,) * 6, sources=group_sources(locs, bs))
+    assert block_locations(entry, bs) == locs
+    assert group_sources({}, bs) == ()
+
+
+@pytest.mark.parametrize("current, parent, changed", [
+    (["a", "b", "c"], ["a", "b", "c"], []),
+    (["a", "x", "c"], ["a", "b", "c"], [1]),
+    (["a", "b", "c", "d"], ["a", "b"], [2, 3]),
+    (["a"], ["a", "b", "c"], []),  # shrunk: nothing to store, the file is shorter
+    ([], [], []),
+])
+def test_changed_blocks(current, parent, changed):
+    assert changed_blocks(current, parent) == changed
+
+
+@pytest.mark.parametrize("lengths, result", [
+    ([100, 100, 40], (240, 3)),
+    ([100, 100], (200, 2)),
+    ([100, 40, 100], (140, 2)),  # shrank, then grew again while read: keep the consistent start
+    ([100, None, 100], (100, 1)),
+    ([100, 0], (100, 1)),
+    ([], (0, 0)),
+])
+def test_contiguous_length(lengths, result):
+    assert contiguous_length(lengths, 100) == result
+
+
+def test_merge_join_pairs_same_paths_skips_deleted_and_marks_new():
+    class E:
+        def __init__(self, path):
+            self.path = path
+
+    current = [E(p) for p in ["a", "a/b", "a/c", "a-b", "z"]]
+    parent = [FileEntry(p, "dir", mode=0o700) for p in ["a", "a/a-deleted", "a/c", "a/d-deleted", "a-b", "b-deleted"]]
+    pairs = [(c.path, p.path if p else None) for c, p in merge_join(current, parent)]
+    assert pairs == [("a", "a"), ("a/b", None), ("a/c", "a/c"), ("a-b", "a-b"), ("z", None)]
+
+
+# --- records --------------------------------------------------------------------
+
+
+def test_file_entries_round_trip_and_are_validated():
+    entry = FileEntry("base/5/1259", "file", mode=0o600, size=300, mtime=1764275400.123456,
+                      blocks=("a" * 32, "b" * 32), sources=(Source("backups/x/data/000001", "c" * 64, 4096, (0, 1)),))
+    line = entry.to_line()
+    assert json.loads(line)["sources"][0]["offset"] == 4096
+    assert FileEntry.from_line(line, where="t") == entry
+    for e in (FileEntry("base", "dir", mode=0o700), FileEntry("pg_tblspc/1", "link", target="/x y")):
+        assert FileEntry.from_line(e.to_line(), where="t") == e
+    with pytest.raises(BackupError, match="invalid path '../etc/passwd'"):
+        FileEntry.from_line(FileEntry("../etc/passwd", "dir", mode=0o700).to_line(), where="t")
+    for bad in ("/abs", "a//b", "a/./b", ""):
+        with pytest.raises(BackupError):
+            check_path(bad)
+    with pytest.raises(BackupError, match="t: not a valid files.jsonl entry"):
+        FileEntry.from_line('{"path": "a", "type": "file"}', where="t")
+
+
+def test_coverage_check():
+    ok = FileEntry("f", "file", mode=0o600, size=250, blocks=("a" * 32,) * 3,
+                   sources=(Source("o", "s", 0, (0, 2)), Source("p", "s", 0, (1,))))
+    check_coverage(ok, 100, where="t")
+    for sources, blocks in (
+        ((Source("o", "s", 0, (0, 2)),), 3),  # block 1 missing
+        ((Source("o", "s", 0, (0, 1, 2)), Source("p", "s", 0, (1,))), 3),  # block 1 twice
+        ((Source("o", "s", 0, (0, 1, 2)),), 2),  # wrong number of hashes
+        ((Source("o", "s", 0, (2, 1, 0)),), 3),  # not ascending
+    ):
+        with pytest.raises(BackupError):
+            check_coverage(FileEntry("f", "file", mode=0o600, size=250, blocks=("a" * 32,) * blocks,
+                                     sources=sources), 100, where="t")
+
+
+def sample_manifest(label="20261127T203000ZF", **changes) -> Manifest:
+    fields = dict(
+        format_version=1, label=label, type="full", requested_type="full", parent=None,
+        system_identifier=7712957296978327350, pg_major_version=15, wal_segment_size=16 << 20, timeline=1,
+        start_lsn=parse_lsn("0/2000028"), stop_lsn=parse_lsn("0/2000138"),
+        start_wal="000000010000000000000002", stop_wal="000000010000000000000002",
+        start_time=datetime(2026, 11, 27, 20, 30, tzinfo=timezone.utc),
+        stop_time=datetime(2026, 11, 27, 20, 31, tzinfo=timezone.utc), backup_from="primary",
+        backup_label="START WAL LOCATION: 0/2000028\n", tablespace_map=None,
+        tablespaces=(Tablespace(16400, "/srv/ts"),), block_size=256 * KIB, files_object=layout.files_key(label),
+        files_sha256="0" * 64, file_count=0, bytes_read=0, bytes_stored=0, duration_seconds=1.5,
+        pgvault_version="0.1.0",
+    )
+    fields.update(changes)
+    return Manifest(**fields)
+
+
+def test_manifest_round_trip_and_errors():
+    m = sample_manifest()
+    data = json.loads(m.to_json())
+    assert data["system_identifier"] == "7712957296978327350"
+    assert data["start_lsn"] == "0/2000028" and data["stop_time"] == "2026-11-27T20:31:00+00:00"
+    assert Manifest.from_json(m.to_json(), where="t") == m
+    with pytest.raises(BackupError, match="t has format version 9; this pgvault reads up to 1"):
+        Manifest.from_json(json.dumps(data | {"format_version": 9}).encode(), where="t")
+    with pytest.raises(BackupError, match="t is not a valid backup manifest"):
+        Manifest.from_json(json.dumps(data | {"backup_from": "elsewhere"}).encode(), where="t")
+
+
+# --- reading blocks -------------------------------------------------------------
+
+
+def test_piece_reader_hashes_blocks_and_survives_short_and_vanished_files(tmp_path):
+    bs = 64 * KIB
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(os.urandom(3 * bs + 10))
+    b.write_bytes(os.urandom(bs // 2))  # shorter than planned: it shrank
+    pieces = [Piece(str(a), [0, 2, 3]), Piece(str(tmp_path / "gone"), [0]), Piece(str(b), [0, 1, 2])]
+    reader = PieceReader(pieces, bs)
+    plain = reader.read()
+    da, db = a.read_bytes(), b.read_bytes()
+    assert plain == da[:bs] + da[2 * bs:] + db
+    assert [p.offset for p in pieces] == [0, 2 * bs + 10, 2 * bs + 10]
+    assert pieces[0].hashes == [block_hash(da[:bs]), block_hash(da[2 * bs:3 * bs]), block_hash(da[3 * bs:])]
+    assert pieces[0].lengths == [bs, bs, 10]
+    assert pieces[1].vanished and not pieces[1].hashes
+    assert pieces[2].lengths == [bs // 2]
+    result = hash_blocks(str(a), 1, 5, bs)
+    assert result.lengths == [bs, bs, 10] and result.hashes == pieces[0].hashes[0:0] + [
+        block_hash(da[bs:2 * bs]), block_hash(da[2 * bs:3 * bs]), block_hash(da[3 * bs:])]
+    assert hash_blocks(str(tmp_path / "gone"), 0, 1, bs).vanished
+
+
+# --- copy and materialize without a server ----------------------------------------
+
+
+OPTIONS = CodecOptions(compression="zstd", level=3, threads=2, key=None)
+
+
+def copy_dir(storage, data_dir, tmp_path, *, label, parent=None, block_size=64 * KIB, object_size=256 * KIB,
+             parallel=2, tablespaces=()):
+    """What take_backup does between pg_backup_start and pg_backup_stop, then a manifest by hand."""
+    writer = FilesWriter(str(tmp_path / "spool"))
+    parents = iter(SpooledFiles(storage, parent, keyring=None, require_encryption=False,
+                                tmp_dir=str(tmp_path / "spool"))) if parent else iter(())
+    copier = Copier(storage=storage, data_dir=data_dir, label=label, options=OPTIONS, writer=writer,
+                    block_size=block_size, parallel=parallel, object_size=object_size,
+                    trust_mtime_before=parent.start_time.timestamp() - 1 if parent else None)
+    stats = copier.run(merge_join(scan_data_dir(data_dir, pg_major_version=15), parents))
+    sha, _size, stored = writer.store(storage, layout.files_key(label), options=OPTIONS)
+    writer.close()
+    manifest = sample_manifest(label, type="incr" if parent else "full", parent=parent.label if parent else None,
+                               block_size=block_size, files_sha256=sha, file_count=stats.files,
+                               bytes_read=stats.bytes_read, bytes_stored=stats.bytes_stored + stored,
+                               tablespaces=tablespaces, start_time=datetime.now(timezone.utc))
+    write_manifest(storage, manifest, options=OPTIONS)
+    return manifest, stats
+
+
+def tree(root):
+    """Every regular file under root (following the tablespace links) -> sha256."""
+    out = {}
+    for dirpath, _dirs, names in os.walk(root, followlinks=True):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def backed_up(root):
+    skip = {"postmaster.pid", "backup_label", "global/pg_internal.init", "base/1/t3_999",
+            "pg_wal/000000010000000000000001", "pg_wal/archive_status/000000010000000000000001.done",
+            "pg_replslot/s/state", "pg_tblspc/16400/PG_14_201909212/1/1"}
+    return {k: v for k, v in tree(root).items() if k not in skip}
+
+
+def test_full_then_incremental_reassemble_every_file_byte_for_byte(tmp_path):
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data = str(tmp_path / "data")
+    make_data_dir(data, tablespace_dir=str(tmp_path / "ts"))
+    big = os.path.join(data, "base/1/16384")
+    with open(big, "wb") as f:
+        f.write(os.urandom(1000 * KIB))  # > object_size: split across objects
+    old = os.stat(big).st_mtime - 10
+    for path in (big, os.path.join(data, "base/1/1259")):
+        os.utime(path, (old, old))  # unchanged files must look old enough to be trusted by mtime
+
+    spaces = (Tablespace(16400, str(tmp_path / "ts")),)
+    full, stats = copy_dir(storage, data, tmp_path, label="20261127T203000ZF", tablespaces=spaces)
+    assert stats.files == 11 and stats.objects >= 4  # the big file split; small files bundled
+    assert full.bytes_read == sum(os.path.getsize(os.path.join(data, p)) for p in backed_up(data))
+
+    with open(big, "r+b") as f:  # change one block in the middle, and grow the file
+        f.seek(300 * KIB)
+        f.write(b"x" * 100)
+        f.seek(0, 2)
+        f.write(os.urandom(10 * KIB))
+    os.remove(os.path.join(data, "base/1/1259_fsm"))  # deleted
+    with open(os.path.join(data, "base/1/1260"), "wb") as f:  # new
+        f.write(os.urandom(5000))
+    expected = backed_up(data)
+
+    incr, istats = copy_dir(storage, data, tmp_path, label="20261127T203001ZI", parent=full, tablespaces=spaces)
+    assert istats.reused_files >= 1
+    assert incr.bytes_stored < full.bytes_stored / 3
+    entries = {e.path: e for e in iter_files(storage, incr, keyring=None)}
+    assert "base/1/1259_fsm" not in entries and "base/1/1260" in entries
+    sources = entries["base/1/16384"].sources
+    assert {s.object.split("/")[1] for s in sources} == {full.label, incr.label}  # reuses the full's blocks
+
+    dest = str(tmp_path / "restored")
+    result = materialize_backup(storage, incr, dest, keyring=None, parallel=2, tmp_dir=str(tmp_path),
+                                tablespace_map={16400: str(tmp_path / "ts2")})
+    assert result.files == 11
+    restored = tree(dest)
+    assert {k: v for k, v in restored.items() if k not in ("backup_label", "tablespace_map")} == expected
+    assert open(os.path.join(dest, "backup_label")).read() == incr.backup_label
+    assert os.path.isdir(os.path.join(dest, "pg_wal", "archive_status"))
+    assert os.listdir(os.path.join(dest, "pg_replslot")) == []
+    assert os.stat(os.path.join(dest, "base/1/1260")).st_mode & 0o777 == os.stat(
+        os.path.join(data, "base/1/1260")).st_mode & 0o777
+
+    # and the full alone still restores the state it saw
+    with pytest.raises(BackupError, match="is not empty; refusing to write into it"):
+        materialize_backup(storage, full, dest, keyring=None)
+
+
+def test_materialize_relocates_tablespaces_and_refuses_a_used_location(tmp_path):
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data = str(tmp_path / "data")
+    make_data_dir(data, tablespace_dir=str(tmp_path / "ts"))
+    manifest, _ = copy_dir(storage, data, tmp_path, label="20261127T203000ZF")
+    manifest = sample_manifest(manifest.label, **{k: getattr(manifest, k) for k in (
+        "block_size", "files_sha256", "file_count", "bytes_read", "bytes_stored")},
+        tablespaces=(Tablespace(16400, str(tmp_path / "ts")),), tablespace_map=f"16400 {tmp_path / 'ts'}\n")
+    with pytest.raises(BackupError, match="tablespace 16400 location .* is not empty"):
+        materialize_backup(storage, manifest, str(tmp_path / "r1"), keyring=None)
+    moved = tmp_path / "moved ts"
+    materialize_backup(storage, manifest, str(tmp_path / "r2"), keyring=None, tablespace_map={16400: str(moved)})
+    assert os.readlink(tmp_path / "r2" / "pg_tblspc" / "16400") == str(moved)
+    with open(moved / "PG_15_202209061/1/16500", "rb") as f, open(tmp_path / "ts/PG_15_202209061/1/16500", "rb") as g:
+        assert f.read() == g.read()
+    assert (tmp_path / "r2" / "tablespace_map").read_text() == f"16400 {moved}\n"
+    with pytest.raises(BackupError, match=r"names tablespace\(s\) \[1\] that backup"):
+        materialize_backup(storage, manifest, str(tmp_path / "r3"), keyring=None, tablespace_map={1: "/x"})
+
+
+def test_materialize_detects_a_damaged_block_record(tmp_path):
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data = str(tmp_path / "data")
+    make_data_dir(data)
+    manifest, _ = copy_dir(storage, data, tmp_path, label="20261127T203000ZF")
+    lines = [FileEntry.from_line(line, where="t") for line in b"".join(
+        iter_files_raw(storage, manifest)).splitlines()]
+    forged = []
+    for e in lines:
+        if e.path == "base/1/1259":
+            e = FileEntry(e.path, e.type, mode=e.mode, size=e.size, mtime=e.mtime,
+                          blocks=("f" * 32,) + e.blocks[1:], sources=e.sources)
+        forged.append(e)
+    writer = FilesWriter(str(tmp_path / "spool2"))
+    for e in forged:
+        writer.write(e)
+    label = "20261127T203001ZF"
+    sha, _size, _stored = writer.store(storage, layout.files_key(label), options=OPTIONS)
+    bad = sample_manifest(label, block_size=manifest.block_size, files_sha256=sha, tablespaces=())
+    with pytest.raises(CorruptObjectError, match="block 0 of base/1/1259 does not match its hash in the manifest"):
+        materialize_backup(storage, bad, str(tmp_path / "r"), keyring=None)
+
+
+def iter_files_raw(storage, manifest):
+    from pgvault import codec
+
+    with storage.open(manifest.files_object) as f:
+        yield codec.decode_bytes(f.read(), name=manifest.files_object, keyring=None)
+
+
+def test_materialize_never_writes_through_a_link_that_is_not_a_tablespace(tmp_path):
+    storage = LocalStorage(str(tmp_path / "vault"))
+    writer = FilesWriter(str(tmp_path / "spool"))
+    writer.write(FileEntry("evil", "link", target=str(tmp_path / "outside")))
+    writer.write(FileEntry("evil/x", "dir", mode=0o700))
+    label = "20261127T203000ZF"
+    sha, _size, _stored = writer.store(storage, layout.files_key(label), options=OPTIONS)
+    manifest = sample_manifest(label, files_sha256=sha, tablespaces=())
+    os.makedirs(tmp_path / "outside")
+    with pytest.raises(BackupError, match="evil/x lies under the link evil; refusing to write through it"):
+        materialize_backup(storage, manifest, str(tmp_path / "r"), keyring=None)
+    assert os.listdir(tmp_path / "outside") == []
+
+
+def test_list_backups_reads_manifests_only_and_leftovers_are_the_rest(tmp_path):
+    storage = LocalStorage(str(tmp_path / "vault"))
+    done = sample_manifest("20261127T203000ZF")
+    write_manifest(storage, done, options=OPTIONS)
+    storage.put(layout.data_key(done.label, 0), io.BytesIO(b"x"))
+    storage.put(layout.data_key("20261127T203005ZI", 0), io.BytesIO(b"abc"))
+    storage.put(layout.files_key("20261127T203005ZI"), io.BytesIO(b"de"))
+    assert [m.label for m in list_backups(storage, keyring=None)] == [done.label]
+    assert read_manifest(storage, done.label, keyring=None) == done
+    (left,) = find_leftovers(storage)
+    assert (left.label, left.bytes, len(left.keys)) == ("20261127T203005ZI", 5, 2)
+    assert remove_leftovers(storage, [left]) == [
+        "removed the leftovers of the interrupted backup 20261127T203005ZI (2 objects, 5 bytes)"]
+    assert find_leftovers(storage) == []
+    assert storage.stat(layout.data_key(done.label, 0)) is not None
+
+
+# --- the lock ---------------------------------------------------------------------
+
+
+def test_one_lock_at_a_time_and_stale_locks_are_reclaimed(tmp_path):
+    storage = LocalStorage(str(tmp_path / "vault"))
+    first = BackupLock(storage, label="20261127T203000ZF", lock_dir=str(tmp_path / "locks"))
+    assert first.acquire() == []
+    second = BackupLock(storage, label="20261127T203001ZF", lock_dir=str(tmp_path / "locks"))
+    with pytest.raises(BackupInProgressError, match=r"another backup of this cluster is running on this host .*"
+                       r"backup 20261127T203000ZF \(pid \d+ on "):
+        second.acquire()
+    first.release()
+    assert read_holder(storage) is None
+
+    # a lock left by a process that died (SIGKILL) on this host
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    BackupLock(storage, label="20261127T203002ZF", lock_dir=str(tmp_path / "other"))  # not acquired
+    stale = BackupLock(storage, label="20261127T203002ZF", lock_dir=str(tmp_path / "elsewhere"))
+    stale.holder = LockHolder(label="20261127T203002ZF", host=socket.gethostname(), pid=dead.pid,
+                              started_at="then")
+    stale.acquire()
+    stale._unflock()  # as if killed: the vault lock stays, the flock goes with the process
+    third = BackupLock(storage, label="20261127T203003ZF", lock_dir=str(tmp_path / "locks"))
+    assert third.acquire() == [(f"removed the stale lock of backup 20261127T203002ZF (pid {dead.pid} on "
+                                f"{socket.gethostname()}, started then): that process no longer runs")]
+    third.release()
+
+    # a lock held from another host is never taken over
+    remote = BackupLock(storage, label="20261127T203004ZF", lock_dir=str(tmp_path / "remote"))
+    remote.holder = LockHolder(label="20261127T203004ZF", host="db2.example", pid=1, started_at="then")
+    remote.acquire()
+    remote._unflock()
+    with pytest.raises(BackupInProgressError, match="backup 20261127T203004ZF \\(pid 1 on db2.example"):
+        BackupLock(storage, label="20261127T203005ZF", lock_dir=str(tmp_path / "locks")).acquire()
+
+
+def test_holder_is_dead_only_when_provable():
+    me = LockHolder(label="l", host="h", pid=os.getpid(), started_at="t")
+    assert not holder_is_dead(me, host="h")
+    assert not holder_is_dead(LockHolder("l", "other", 999999999, "t"), host="h")
+    assert holder_is_dead(LockHolder("l", "h", 2 ** 22 + 12345, "t"), host="h")
+    assert holder_is_dead(LockHolder("l", "h", os.getpid(), "t", pid_start="1"), host="h")  # pid reused
+
+
+# --- small pure helpers -------------------------------------------------------------
+
+
+def test_backup_label_and_tablespace_map_parsing():
+    text = ("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\n"
+            "BACKUP METHOD: streamed\nBACKUP FROM: standby\nSTART TIME: 2026-11-27 20:30:00 UTC\n"
+            "LABEL: 20261127T203000ZF\nSTART TIMELINE: 3\n")
+    fields = parse_backup_label(text)
+    assert fields["START TIMELINE"] == "3" and fields["BACKUP FROM"] == "standby"
+    assert parse_tablespace_map("16400 /srv/my ts\n16401 /x\n") == [(16400, "/srv/my ts"), (16401, "/x")]
+    assert parse_tablespace_map(None) == []
+
+
+@pytest.mark.parametrize("start, stop, names", [
+    ("0/2000028", "0/2000138", ["000000010000000000000002"]),
+    ("0/2000028", "0/3000000", ["000000010000000000000002"]),  # stop at a segment start: the previous one
+    ("0/2FFFFF0", "0/4000010", ["000000010000000000000002", "000000010000000000000003",
+                                "000000010000000000000004"]),
+])
+def test_wal_segments_from_start_to_stop(start, stop, names):
+    assert wal_segments(timeline=1, start_lsn=parse_lsn(start), stop_lsn=parse_lsn(stop),
+                        segment_size=16 << 20) == names
+
+
+def test_progress_line():
+    line = render(bytes_done=512 << 20, bytes_total=1 << 30, files_done=10, files_total=20, elapsed=2.0)
+    assert line.startswith(" 50% [############------------] 512.0 MiB/1.0 GiB  10/20 files  256.0 MiB/s  ETA 0:02")
+    assert format_bytes(10) == "10 B"
+
+
+def test_backup_settings(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[backup]\nparallel = 3\nfrom = "standby"\nblock_size_kib = 128\nwal_timeout = 30\n')
+    b = load_settings(str(path), environ={}).backup
+    assert (b.parallel, b.from_, b.block_size_kib, b.wal_timeout) == (3, "standby", 128, 30)
+    assert load_settings(str(path), environ={"PGVAULT_BACKUP_FROM": "primary"}).backup.from_ == "primary"
+    path.write_text('[backup]\nfrom = "master"\n')
+    with pytest.raises(ConfigError, match=r'\[backup\] from = .master.: expected "primary", "standby" or "any"'):
+        load_settings(str(path), environ={})
+    path.write_text('[backup]\nblock_size_kib = 100\n')
+    with pytest.raises(ConfigError, match="expected a power of two from 8 to 65536"):
+        load_settings(str(path), environ={})
+
+
+def test_backup_errors_have_their_own_exit_codes():
+    from pgvault.backup.errors import BackupError, BackupInProgressError, BackupNotFoundError, WalArchiveTimeoutError
+    from pgvault.errors import EXIT_CODES
+
+    ours = {BackupError: 80, BackupInProgressError: 81, WalArchiveTimeoutError: 82, BackupNotFoundError: 83}
+    assert {cls: cls.exit_code for cls in ours} == ours
+    assert not set(ours.values()) & {code for cls, code in EXIT_CODES.items() if cls not in ours}
