@@ -43,10 +43,24 @@ def dump_cmd(state: AppState, databases: tuple[str, ...], as_json: bool) -> None
     """
     from pgvault.dump import take_dump
 
+    import os
+    from datetime import datetime, timezone
+
+    from pgvault.backup.lock import BackupLock
+
     settings = state.settings
     storage, record, _keyring, options = _archive_context(settings)
-    result = take_dump(storage, vault_record=record, options=options, conninfo=settings.postgres.conninfo,
-                       bin_dir=settings.postgres.bin_dir, databases=databases or None)
+    # The backup lock: a dump removes interrupted dumps' leftovers first, which must never be
+    # the objects of a dump still running elsewhere.
+    lock = BackupLock(storage, label=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZD"),
+                      lock_dir=os.path.join(settings.archive.spool_dir, settings.vault.cluster, "backup"))
+    for notice in lock.acquire():
+        click.echo(notice, err=True)
+    try:
+        result = take_dump(storage, vault_record=record, options=options, conninfo=settings.postgres.conninfo,
+                           bin_dir=settings.postgres.bin_dir, databases=databases or None)
+    finally:
+        lock.release()
     if result.removed_leftovers:
         click.echo("removed the leftovers of interrupted dump(s): " + ", ".join(result.removed_leftovers), err=True)
     for warning in result.warnings:

@@ -15,8 +15,8 @@ of the SHA-256 of its UTF-8 bytes; the real name is kept in the record.
 
 A dump exists only once its record is written. ``list_dumps`` reads records
 only; the objects of a dump that was interrupted (no record) are never listed,
-and the next ``take_dump`` removes them first (so two dumps must not run at once
-against one vault: the second would remove the first one's objects).
+and the next ``take_dump`` removes them first; `pgvault dump` holds the vault's
+backup lock around it, so a dump running elsewhere never loses its objects.
 
 pg_dump's output is piped into ``codec.encode`` and on into ``Storage.put``:
 no temporary file, memory bounded whatever the database size. Its exit status

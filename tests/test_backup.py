@@ -269,7 +269,7 @@ def test_a_second_backup_is_refused_and_broken_archiving_times_out_clearly(pg_tm
         time.sleep(0.05)
     second = env.pgvault("backup")
     assert second.code == 81, second.err
-    assert "another backup of this cluster is running on this host" in second.err
+    assert "another backup or dump of this cluster is running on this host" in second.err
     assert f"backup {holder.label} (pid {first.pid} on " in second.err
 
     _out, err = first.communicate(timeout=60)

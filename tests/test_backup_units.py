@@ -509,7 +509,7 @@ def test_one_lock_at_a_time_and_stale_locks_are_reclaimed(tmp_path):
     first = BackupLock(storage, label="20261127T203000ZF", lock_dir=str(tmp_path / "locks"))
     assert first.acquire() == []
     second = BackupLock(storage, label="20261127T203001ZF", lock_dir=str(tmp_path / "locks"))
-    with pytest.raises(BackupInProgressError, match=r"another backup of this cluster is running on this host .*"
+    with pytest.raises(BackupInProgressError, match=r"another backup or dump of this cluster is running on this host .*"
                        r"backup 20261127T203000ZF \(pid \d+ on "):
         second.acquire()
     first.release()

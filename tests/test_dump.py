@@ -135,6 +135,8 @@ class DumpEnv:
 [postgres]
 conninfo = "{conninfo or self.cluster.conninfo}"
 {extra}
+[archive]
+spool_dir = "{self.base}/spool"
 """)
         chown_tree(self.base)
         return path
@@ -474,3 +476,26 @@ def test_bad_input_gives_one_line_errors(env, pg_tmp):
         assert_one_line_error(res, 30, "cannot connect to PostgreSQL", "set [postgres] conninfo")
         assert "s3cret-pw" not in res.err
     assert len(env.listing()) == 1
+
+
+@pytest.mark.integration
+def test_a_dump_is_refused_while_a_backup_holds_the_vault_lock(pg_cluster, pg_tmp):
+    """Dumps take the vault's backup lock: the leftovers cleanup can never remove a running job's objects."""
+    from pgvault.backup.lock import BackupLock
+    from tests.archive_env import make_archive_env
+    from pgvault.config import load_settings
+    from pgvault.context import storage_for
+
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local")
+    storage = storage_for(load_settings(env.config, environ={}), create=False)
+    held = BackupLock(storage, label="20261127T000000ZF", lock_dir=os.path.join(pg_tmp, "otherlock"))
+    held.acquire()
+    chown_tree(pg_tmp)  # the lock object root just wrote must not block postgres later
+    try:
+        res = env.pgvault("dump")
+        assert res.code == 81
+        assert "another backup or dump of this cluster is running: backup 20261127T000000ZF" in res.err
+    finally:
+        held.release()
+    res = env.pgvault("dump")
+    assert res.code == 0, res.err

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pgvault import codec
 from pgvault.backup.errors import BackupInProgressError
 from pgvault.backup.layout import LOCK_KEY
-from pgvault.errors import CorruptObjectError, ObjectExistsError, ObjectNotFoundError
+from pgvault.errors import CorruptObjectError, ObjectExistsError, ObjectNotFoundError, PgvaultError
 from pgvault.storage import Storage
 
 
@@ -39,7 +39,9 @@ class LockHolder:
     pid_start: str = ""  # the process's start time in clock ticks since boot (/proc/<pid>/stat field 22)
 
     def describe(self) -> str:
-        return f"backup {self.label} (pid {self.pid} on {self.host}, started {self.started_at})"
+        # Logical dumps hold the same lock (their labels end in D): one heavy job per vault at a time.
+        job = "dump" if self.label.endswith("D") else "backup"
+        return f"{job} {self.label} (pid {self.pid} on {self.host}, started {self.started_at})"
 
 
 def _read_text(path: str) -> str:
@@ -62,6 +64,12 @@ def process_start(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
+def is_zombie(pid: int) -> bool:
+    """A killed process its parent has not reaped yet: it holds nothing any more."""
+    fields = _read_text(f"/proc/{pid}/stat").rpartition(")")[2].split()
+    return bool(fields) and fields[0] in ("Z", "X")
+
+
 def holder_is_dead(holder: LockHolder, *, host: str) -> bool:
     """True only when the holder provably no longer runs: on this host, and its process is gone."""
     if holder.host != host:
@@ -74,6 +82,8 @@ def holder_is_dead(holder: LockHolder, *, host: str) -> bool:
         return True
     except PermissionError:
         pass  # alive, owned by another user
+    if is_zombie(holder.pid):
+        return True
     return bool(holder.pid_start) and process_start(holder.pid) not in ("", holder.pid_start)
 
 
@@ -101,7 +111,13 @@ class BackupLock:
     def __init__(self, storage: Storage, *, label: str, lock_dir: str) -> None:
         self.storage = storage
         self.holder = current_holder(label)
-        os.makedirs(lock_dir, exist_ok=True)
+        try:
+            os.makedirs(lock_dir, exist_ok=True)
+        except OSError as exc:
+            raise PgvaultError(
+                f"cannot create the local lock directory {lock_dir}: {exc.strerror}",
+                hint="[archive] spool_dir must be writable by the user running pgvault (postgres)",
+            ) from None
         # One local lock file per vault location: two vaults never block each other.
         name = hashlib.sha256(storage.description.encode()).hexdigest()[:16]
         self._path = os.path.join(lock_dir, f"backup-{name}.lock")
@@ -160,6 +176,6 @@ def _in_progress(holder: LockHolder | None, *, local: str | None = None) -> Back
     running = holder.describe() if holder is not None else "another backup"
     where = f" on this host (it holds {local})" if local else ""
     return BackupInProgressError(
-        f"another backup of this cluster is running{where}: {running}; one backup at a time",
+        f"another backup or dump of this cluster is running{where}: {running}; one at a time",
         hint=f"wait for it to finish; if its host is gone for good, delete the vault object {LOCK_KEY}",
     )
