@@ -13,6 +13,7 @@ into a temporary file beside the destination, and rename it into place.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -86,13 +87,28 @@ def divergence_error(name: str, *, theirs: str, ours: str) -> ArchiveDivergenceE
     )
 
 
+#: WAL files up to this size are read into memory once: hashed and encoded from
+#: the same bytes (a 16 MiB segment costs one read and one SHA-256, not two).
+IN_MEMORY_LIMIT = 64 << 20
+
+
+def _read_once(path: str) -> tuple[bytes | None, str, int]:
+    """(content or None if too large to hold, sha256 hex, size)."""
+    if os.path.getsize(path) <= IN_MEMORY_LIMIT:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, hashlib.sha256(data).hexdigest(), len(data)
+    sha, size = file_sha256(path)
+    return None, sha, size
+
+
 def push_wal_file(path: str, *, storage: Storage, record: VaultRecord, options: CodecOptions) -> PushResult:
     """Archive the WAL file at ``path``; returns once it is durably in the vault."""
     started = time.monotonic()
     name = os.path.basename(path)
     check_wal_file_identity(path, name=name, record=record)
     completed_ms = os.stat(path).st_mtime_ns // 1_000_000
-    sha, size = file_sha256(path)
+    data, sha, size = _read_once(path)
 
     for existing in find_archived(storage, name, segment_size=record.wal_segment_size):
         if existing.sha256 == sha:
@@ -100,15 +116,16 @@ def push_wal_file(path: str, *, storage: Storage, record: VaultRecord, options: 
         raise divergence_error(name, theirs=existing.sha256, ours=sha)
 
     key = format_wal_key(name, sha256=sha, completed_ms=completed_ms, size=size)
-    with open(path, "rb") as f:
+    with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
         encoder = codec.encode(f, name=key, compression=options.compression, level=options.level,
-                               threads=options.threads, key=options.key)
+                               threads=options.threads, key=options.key,
+                               known_sha256=sha if data is not None else None)
         try:
             storage.put(key, encoder)
         except ObjectExistsError:
             # The same key means the same checksum: another push of this very content won.
             return PushResult(name, key, sha, size, True, time.monotonic() - started)
-    if encoder.plaintext_sha256 != sha:
+    if encoder.plaintext_sha256 != sha or encoder.plaintext_size != size:
         # PostgreSQL never rewrites a completed segment; if it changed under us, say so loudly.
         storage.delete(key)
         raise PgvaultError(f"WAL file {path} changed while it was being archived; not archived")

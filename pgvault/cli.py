@@ -251,27 +251,11 @@ def key_rotate(state: AppState, new_key_file: str) -> None:
 
 
 # --- WAL archiving -------------------------------------------------------
+# archive_command and restore_command normally bypass click (entry.py calls
+# pgvault.walcmd directly); these commands are the same functions for --help
+# and for option forms the direct path does not take.
 
-#: restore_command contract: 1..125 means "not available" (recovery ends there
-#: normally); above 125 PostgreSQL treats as fatal and stops recovery, so a real
-#: error can never pass for the end of the archive.
-FETCH_NOT_FOUND_EXIT = 1
-FETCH_FATAL_EXIT = 255
-
-
-def _archive_context(settings):
-    """Storage, vault record, keyring and codec options for WAL commands."""
-    from pgvault import context
-    from pgvault.archive import CodecOptions
-    from pgvault.vault import require_vault_record
-
-    storage = context.storage_for(settings)
-    record = require_vault_record(storage)
-    keyring = context.keyring_for(settings, storage)
-    c = settings.compression
-    options = CodecOptions(compression=c.algorithm, level=c.level, threads=c.threads,
-                           key=keyring.current if keyring is not None else None)
-    return storage, record, keyring, options
+from pgvault.walcmd import archive_context as _archive_context  # noqa: E402  (used by other cli modules)
 
 
 @cli.command("wal-push")
@@ -279,24 +263,9 @@ def _archive_context(settings):
 @pass_state
 def wal_push(state: AppState, path: str) -> None:
     """archive_command: archive the WAL file PATH (%p); exit 0 only once it is durably in the vault."""
-    settings = state.settings
-    storage, record, _keyring, options = _archive_context(settings)
-    if settings.archive.async_:
-        from pgvault.pushahead import push_with_push_ahead
-        from pgvault.spool import Spool
+    from pgvault.walcmd import run_wal_push
 
-        result = push_with_push_ahead(
-            path, storage=storage, record=record, options=options,
-            spool=Spool(settings.archive.spool_dir, settings.vault.cluster),
-            parallel=settings.archive.parallel,
-        )
-        if result.still_waiting or result.failed_ahead:
-            click.echo(f"pgvault wal-push: archived {result.own.name} and {result.pushed_ahead} more; "
-                       f"{result.still_waiting + result.failed_ahead} WAL files still waiting", err=True)
-    else:
-        from pgvault.archive import push_wal_file
-
-        push_wal_file(path, storage=storage, record=record, options=options)
+    sys.exit(run_wal_push(state.config_path, path, debug=state.debug))
 
 
 @cli.command("wal-fetch")
@@ -304,40 +273,24 @@ def wal_push(state: AppState, path: str) -> None:
 @click.argument("dest")
 @pass_state
 def wal_fetch(state: AppState, name: str, dest: str) -> None:
-    """restore_command: write WAL file NAME (%f) to DEST (%p); exit 1 if the vault has no such file."""
-    from pgvault.archive import WalNotFoundError
+    """restore_command: write WAL file NAME (%f) to DEST (%p); exit 1 if the vault has no such file, 255 on errors."""
+    from pgvault.walcmd import run_wal_fetch
 
-    try:
-        _wal_fetch(state, name, dest)
-    except WalNotFoundError:
-        sys.exit(FETCH_NOT_FOUND_EXIT)
-    except PgvaultError as exc:
-        print_error(exc)
-        click.echo("pgvault wal-fetch: stopping recovery (exit 255): fix the error and start the server again to resume", err=True)
-        sys.exit(FETCH_FATAL_EXIT)
-    except Exception as exc:  # anything unexpected must stop recovery too, never look like "no more WAL"
-        if state.debug:
-            traceback.print_exc()
-        click.echo(f"pgvault wal-fetch: error: {exc.__class__.__name__}: {exc}", err=True)
-        sys.exit(FETCH_FATAL_EXIT)
+    sys.exit(run_wal_fetch(state.config_path, name, dest, debug=state.debug))
 
 
-def _wal_fetch(state: AppState, name: str, dest: str) -> None:
-    from pgvault.archive import fetch_wal_file
-    from pgvault.prefetch import start_prefetch_worker, take_prefetched
+@cli.command("wal-push-ahead", hidden=True)
+@click.argument("wal_dir")
+@pass_state
+def wal_push_ahead(state: AppState, wal_dir: str) -> None:
+    """(internal) push the WAL files waiting in WAL_DIR/archive_status; started by wal-push in async mode."""
+    from pgvault.pushahead import run_worker
     from pgvault.spool import Spool
 
     settings = state.settings
-    count = settings.archive.prefetch
-    spool = Spool(settings.archive.spool_dir, settings.vault.cluster)
-    is_segment = len(name) == 24
-    if is_segment and count and take_prefetched(spool, name, dest):
-        start_prefetch_worker(name, config_path=state.config_path, count=count)
-        return
-    storage, record, keyring, _options = _archive_context(settings)
-    fetch_wal_file(name, dest, storage=storage, record=record, keyring=keyring)
-    if is_segment and count:
-        start_prefetch_worker(name, config_path=state.config_path, count=count)
+    storage, record, _keyring, options = _archive_context(settings)
+    run_worker(wal_dir, storage=storage, record=record, options=options,
+               spool=Spool(settings.archive.spool_dir, settings.vault.cluster), parallel=settings.archive.parallel)
 
 
 @cli.command("wal-prefetch", hidden=True)

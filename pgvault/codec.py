@@ -39,11 +39,26 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pgvault.errors import CorruptObjectError, EncryptionKeyError, VaultMismatchError
+
+
+def AESGCM(key: bytes) -> "AESGCM":  # noqa: N802 - stands in for the class it returns an instance of
+    """cryptography is imported only when an object is encrypted: an unencrypted
+    archive_command never pays its start-up cost (~5 ms per call)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+
+    return _AESGCM(key)
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
 
 if TYPE_CHECKING:  # keys imports this module; only the types are needed here
     from pgvault.keys import Keyring, VaultKey
@@ -295,6 +310,7 @@ class EncodingReader(io.RawIOBase):
         self.encoded_size = 0
         self._source = source
         self._sha = hashlib.sha256()
+        self._known_digest: bytes | None = None
         self._size = 0
         self._chunk_size = chunk_size
         self._index = 0
@@ -375,7 +391,8 @@ class EncodingReader(io.RawIOBase):
         if not self._started:
             self._start(len(block))
         if block:
-            self._sha.update(block)  # releases the GIL: zstd workers keep running
+            if self._known_digest is None:
+                self._sha.update(block)  # releases the GIL: zstd workers keep running
             self._size += len(block)
             if self._compressor is None:
                 self._emit(block, final=False)
@@ -386,7 +403,7 @@ class EncodingReader(io.RawIOBase):
         if self._compressor is not None:
             for piece in self._compressor.finish():
                 self._emit(piece, final=False)
-        digest = self._sha.digest()
+        digest = self._known_digest if self._known_digest is not None else self._sha.digest()
         self._emit(_TRAILER.pack(TRAILER_MAGIC, self._size, digest), final=True)
         self.plaintext_sha256 = digest.hex()
         self.plaintext_size = self._size
@@ -434,8 +451,13 @@ def encode(
     threads: int = 2,
     key: VaultKey | None = None,
     chunk_size: int = CHUNK_SIZE,
+    known_sha256: str | None = None,
 ) -> EncodingReader:
     """Encode ``source`` as the object ``name``: returns a readable stream of the stored bytes.
+
+    ``known_sha256``: the caller already hashed exactly these bytes (held in
+    memory, so they cannot change), and this encoder skips hashing them again;
+    the size is still counted, and the checksum is verified on every read.
 
     ``key`` is the vault key to encrypt with (``Keyring.current``), or None for
     no encryption. ``threads`` is zstd's worker count (0: compress in this
@@ -443,9 +465,12 @@ def encode(
     After the stream is exhausted, ``.plaintext_sha256`` and ``.plaintext_size``
     hold what the caller records (e.g. in a manifest).
     """
-    return EncodingReader(
+    reader = EncodingReader(
         source, name=name, compression=compression, level=level, threads=threads, key=key, chunk_size=chunk_size
     )
+    if known_sha256 is not None:
+        reader._known_digest = bytes.fromhex(known_sha256)
+    return reader
 
 
 class _Hasher:
@@ -574,7 +599,7 @@ class DecodingReader(io.RawIOBase):
         aad = header.raw[: header.size - HEADER_CHECK_SIZE - WRAP_NONCE_SIZE - WRAPPED_KEY_SIZE - NONCE_PREFIX_SIZE]
         try:
             data_key = AESGCM(vault_key.secret).decrypt(header.wrap_nonce, header.wrapped_key, aad)
-        except InvalidTag:
+        except _invalid_tag():
             raise _corrupt(
                 self.name, f"its data key does not unwrap with vault key {header.key_id} (forged header or wrong key)"
             ) from None
@@ -591,7 +616,7 @@ class DecodingReader(io.RawIOBase):
                 raise _corrupt(self.name, f"truncated inside chunk {index}")
             try:
                 plaintext = aead.decrypt(_chunk_nonce(header.nonce_prefix, index, final), data, header.raw)
-            except InvalidTag:
+            except _invalid_tag():
                 raise _corrupt(
                     self.name, f"authentication failed in chunk {index} (corrupt, truncated, reordered or moved)"
                 ) from None

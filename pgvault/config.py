@@ -60,7 +60,8 @@ class CompressionSettings:
 class ArchiveSettings:
     async_: bool = False
     spool_dir: str = DEFAULT_SPOOL_DIR
-    parallel: int = 4
+    # One push per CPU at most: more only adds contention on a small machine.
+    parallel: int = field(default_factory=lambda: min(os.cpu_count() or 2, 4))
     prefetch: int = 8
 
 

@@ -1,17 +1,23 @@
-"""Asynchronous archiving: one archive_command call pushes the whole `.ready` queue.
+"""Asynchronous archiving: a background worker pushes the `.ready` queue ahead of PostgreSQL.
 
 PostgreSQL calls archive_command for the oldest `.ready` file, one at a time.
-This call pushes that file and the next ones waiting in
-``pg_wal/archive_status`` in parallel, and records each one pushed in the
-spool, so the calls that follow return at once from the fast path. The call
-still exits 0 only once its own file is in the vault; when the vault is down,
-calls keep failing and PostgreSQL keeps every segment.
+With ``[archive] async = true`` a call pushes its own file, starts (unless one
+runs) a detached worker that pushes the other waiting files in parallel and
+records each in the spool, and returns as soon as its own file is in the vault.
+The calls that follow find their marker and return at once (entry.py's fast
+path). A call whose file the worker is pushing right now waits for the
+worker's marker instead of pushing it twice. A call still exits 0 only once its
+own file is in the vault; when the vault is down, calls keep failing and
+PostgreSQL keeps every segment.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -19,6 +25,12 @@ from pgvault.archive import CodecOptions, PushResult, push_wal_file
 from pgvault.spool import Spool
 from pgvault.storage import Storage
 from pgvault.vault import VaultRecord
+
+WORKER_LOCK = ".push-ahead.lock"
+#: How long a call waits for the worker to finish pushing its file before pushing it itself.
+WAIT_FOR_WORKER = 60.0
+#: Files one worker round takes; it loops while more arrive.
+BATCH = 64
 
 
 def ready_wal_files(wal_dir: str) -> list[str]:
@@ -33,10 +45,32 @@ def ready_wal_files(wal_dir: str) -> list[str]:
 
 @dataclass(frozen=True)
 class PushAheadResult:
-    own: PushResult
-    pushed_ahead: int
-    failed_ahead: int
+    own: PushResult | None  # None: the worker pushed it while this call waited
     still_waiting: int
+    worker_started: bool
+
+
+def _worker_running(spool: Spool) -> bool:
+    try:
+        fd = os.open(os.path.join(spool.archive_dir, WORKER_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+
+
+def start_worker(wal_dir: str, *, config_path: str | None) -> None:
+    cmd = [sys.executable, "-m", "pgvault.entry"]
+    if config_path:
+        cmd += ["--config", config_path]
+    cmd += ["wal-push-ahead", wal_dir]
+    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
 
 
 def push_with_push_ahead(
@@ -46,32 +80,68 @@ def push_with_push_ahead(
     record: VaultRecord,
     options: CodecOptions,
     spool: Spool,
-    parallel: int,
-    max_batch: int = 64,
+    config_path: str | None,
 ) -> PushAheadResult:
     spool.ensure_archive_dir()
     wal_dir = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    waiting = [n for n in ready_wal_files(wal_dir) if n != name]
-    batch = [n for n in waiting if not spool.has_marker(n)][: max_batch - 1]
-    # Several segments at once: one zstd thread each keeps both cores busy without oversubscribing.
-    each = replace(options, threads=1) if parallel > 1 and batch else options
+    own = None
+    if _worker_running(spool):
+        # The worker pushes oldest first, and PostgreSQL asks for the oldest: it is likely on ours.
+        deadline = time.monotonic() + WAIT_FOR_WORKER
+        while time.monotonic() < deadline and _worker_running(spool):
+            if spool.consume_marker(path):
+                break
+            time.sleep(0.005)
+        else:
+            own = None if spool.consume_marker(path) else push_wal_file(
+                path, storage=storage, record=record, options=options)
+    else:
+        own = push_wal_file(path, storage=storage, record=record, options=options)
+    waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
+    started = False
+    if waiting and not _worker_running(spool):
+        start_worker(wal_dir, config_path=config_path)
+        started = True
+    return PushAheadResult(own=own, still_waiting=len(waiting), worker_started=started)
 
-    def push_one(n: str) -> PushResult:
-        result = push_wal_file(os.path.join(wal_dir, n), storage=storage, record=record, options=each)
-        spool.mark_pushed(os.path.join(wal_dir, n))
-        return result
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        own_future = pool.submit(push_wal_file, path, storage=storage, record=record, options=each)
-        ahead = [(n, pool.submit(push_one, n)) for n in batch]
-        own = own_future.result()  # raises: this call fails, PostgreSQL keeps the file and retries
-        failed = 0
-        for n, fut in ahead:
-            exc = fut.exception()
-            if exc is not None:
-                failed += 1
-                print(f"pgvault wal-push: could not push {n} ahead: {exc}", file=sys.stderr)
-    spool.prune_markers(wal_dir)
-    return PushAheadResult(own=own, pushed_ahead=len(batch) - failed, failed_ahead=failed,
-                           still_waiting=max(0, len(waiting) - len(batch)))
+def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: CodecOptions, spool: Spool,
+               parallel: int) -> int:
+    """Push waiting files until none is left; returns how many were pushed. One worker per spool."""
+    spool.ensure_archive_dir()
+    lock = os.open(os.path.join(spool.archive_dir, WORKER_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return 0
+    # Several files at once: one zstd thread each keeps the cores busy without oversubscribing.
+    each = replace(options, threads=0) if parallel > 1 else options
+    pushed = 0
+    failed: set[str] = set()
+    try:
+        while True:
+            batch = [n for n in ready_wal_files(wal_dir) if not spool.has_marker(n) and n not in failed][:BATCH]
+            if not batch:
+                break
+
+            def push_one(n: str) -> bool:
+                p = os.path.join(wal_dir, n)
+                try:
+                    push_wal_file(p, storage=storage, record=record, options=each)
+                    spool.mark_pushed(p)
+                    return True
+                except FileNotFoundError:
+                    return False  # PostgreSQL archived it meanwhile (its own call) and removed it
+                except Exception as exc:
+                    failed.add(n)  # its own archive_command call will retry it and report the error
+                    print(f"pgvault push-ahead: could not push {n}: {exc}", file=sys.stderr)
+                    return False
+
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                pushed += sum(pool.map(push_one, batch))
+        spool.prune_markers(wal_dir)
+    finally:
+        os.close(lock)
+    return pushed

@@ -108,3 +108,35 @@ def test_every_key_has_a_documented_environment_variable():
         readme = f.read()
     missing = sorted(n for n in names if n not in readme)
     assert not missing, f"README does not document {missing}"
+
+
+# The archive_command fast path reads three keys without tomllib; where it is unsure it must say so.
+from pgvault.entry import scan_config  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[archive]\nasync = true\nspool_dir = "/s p"\n[vault]\ncluster = \'east\'  # c\n',
+     {("archive", "async"): True, ("archive", "spool_dir"): "/s p", ("vault", "cluster"): "east"}),
+    ("# only a comment\n\n[archive]\nparallel = 4\nasync = false\n",
+     {("archive", "parallel"): 4, ("archive", "async"): False}),
+    ('[vault]\nurl = "s3://b/p" # trailing\n', {("vault", "url"): "s3://b/p"}),
+])
+def test_fast_path_scanner_reads_plain_lines(text, expected):
+    assert scan_config(text) == expected
+    import tomllib
+
+    parsed = tomllib.loads(text)
+    assert all(parsed[s][k] == v for (s, k), v in expected.items())
+
+
+@pytest.mark.parametrize("text", [
+    '[archive]\nspool_dir = "C:\\\\x"\n',      # an escape
+    "[archive]\nspool_dir = '''x'''\n",        # a multi-line string
+    "[archive]\nasync = [true]\n",             # an array
+    "archive.async = true\n",                  # a dotted key
+    "[[archive]]\nasync = true\n",             # an array of tables
+    '[archive]\nspool_dir = "a" "b"\n',        # junk after the value
+    "[archive]\nasync = yes\n",                # not TOML
+])
+def test_fast_path_scanner_gives_up_when_unsure(text):
+    assert scan_config(text) is None

@@ -78,14 +78,12 @@ class LocalStorage:
         path = self._path(key)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
-        digest = hashlib.sha256()
         size = 0
         try:
             self._makedirs(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 while block := source.read(COPY_BLOCK):
-                    digest.update(block)
                     size += len(block)
                     view = memoryview(block)
                     while view:
@@ -96,7 +94,8 @@ class LocalStorage:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                if _file_sha256(path) != digest.digest():
+                # Hashed only on a conflict, which is rare: a normal put reads its bytes once.
+                if _file_sha256(path) != _file_sha256(tmp):
                     raise ObjectExistsError(
                         f"object {key} already exists in {self.description} with different content; "
                         "objects are write-once and are never overwritten"
