@@ -29,6 +29,8 @@ from pgvault.backup.errors import BackupError, BackupInProgressError
 from pgvault.backup.leftovers import find_leftovers, remove_leftovers
 from pgvault.backup.lock import BackupLock, LockHolder, holder_is_dead, read_holder
 from pgvault.backup.manifest import (
+    BLOCK_HASH,
+    BLOCK_HASH_SHA256,
     FileEntry,
     FilesWriter,
     Manifest,
@@ -323,6 +325,84 @@ def test_piece_reader_hashes_blocks_and_survives_short_and_vanished_files(tmp_pa
     assert result.lengths == [bs, bs, 10] and result.hashes == pieces[0].hashes[0:0] + [
         block_hash(da[bs:2 * bs]), block_hash(da[2 * bs:3 * bs]), block_hash(da[3 * bs:])]
     assert hash_blocks(str(tmp_path / "gone"), 0, 1, bs).vanished
+
+
+# --- block hashes ---------------------------------------------------------------
+
+
+def test_block_hash_is_xxh3_128_and_sha256_stays_readable():
+    import hashlib as _hashlib
+
+    import xxhash
+
+    assert BLOCK_HASH == "xxh3-128" and sample_manifest().block_hash == BLOCK_HASH
+    # Pinned vectors: a library that changed its output would make every incremental store everything
+    # and every restore fail its block checks.
+    assert block_hash(b"") == "99aa06d3014798d86001c324468d497f"
+    data = bytes(range(256)) * 1024
+    assert block_hash(data) == block_hash(memoryview(data)) == xxhash.xxh3_128_hexdigest(data)
+    assert block_hash(data, BLOCK_HASH_SHA256) == _hashlib.sha256(data).hexdigest()[:32]
+    with pytest.raises(ValueError, match="unknown block hash algorithm 'md5'"):
+        block_hash(data, "md5")
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3-128", "sha256-128"])
+def test_piece_reader_and_hash_blocks_agree_for_each_algorithm(tmp_path, algorithm):
+    bs = 64 * KIB
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(2 * bs + 100))
+    data = path.read_bytes()
+    expected = [block_hash(data[:bs], algorithm), block_hash(data[bs:2 * bs], algorithm),
+                block_hash(data[2 * bs:], algorithm)]
+    piece = Piece(str(path), [0, 1, 2])
+    reader = PieceReader([piece], bs, algorithm)
+    while reader.read(7 * KIB + 3):  # odd reads: a block's hash is fed in several pieces
+        pass
+    assert piece.hashes == expected
+    assert hash_blocks(str(path), 0, 4, bs, algorithm).hashes == expected
+
+
+def test_every_changed_block_is_detected(tmp_path):
+    """One bit changed anywhere (first byte, last byte, at random), or blocks moved: exactly those differ."""
+    import random
+
+    bs = 8 * KIB
+    blocks = 64
+    path = tmp_path / "rel"
+    original = bytearray(os.urandom(bs * blocks))
+    original[bs:2 * bs] = bytes(bs)  # an all-zero block, like a new page
+    path.write_bytes(original)
+    parent = hash_blocks(str(path), 0, blocks, bs).hashes
+    rng = random.Random(1)
+    changes = [(b, 0, 0x01) for b in range(blocks)] + [(b, bs - 1, 0x80) for b in range(blocks)]
+    changes += [(rng.randrange(blocks), rng.randrange(bs), 1 << rng.randrange(8)) for _ in range(300)]
+    for block, offset, bit in changes:
+        changed = bytearray(original)
+        changed[block * bs + offset] ^= bit
+        path.write_bytes(changed)
+        current = hash_blocks(str(path), 0, blocks, bs).hashes
+        assert changed_blocks(current, parent) == [block], (block, offset, bit)
+    # two blocks swapped, one block's halves swapped: position matters
+    swapped = bytearray(original)
+    swapped[2 * bs:3 * bs], swapped[3 * bs:4 * bs] = original[3 * bs:4 * bs], original[2 * bs:3 * bs]
+    half = bs // 2
+    swapped[5 * bs:6 * bs] = original[5 * bs + half:6 * bs] + original[5 * bs:5 * bs + half]
+    path.write_bytes(swapped)
+    assert changed_blocks(hash_blocks(str(path), 0, blocks, bs).hashes, parent) == [2, 3, 5]
+
+
+def test_manifest_names_its_block_hash_and_refuses_an_unknown_one():
+    m = sample_manifest()
+    data = json.loads(m.to_json())
+    assert data["block_hash"] == "xxh3-128"
+    legacy = {k: v for k, v in data.items() if k != "block_hash"}  # written before the key existed
+    assert Manifest.from_json(json.dumps(legacy).encode(), where="t").block_hash == BLOCK_HASH_SHA256
+    assert Manifest.from_json(json.dumps(data | {"block_hash": "sha256-128"}).encode(), where="t") == \
+        sample_manifest(block_hash="sha256-128")
+    with pytest.raises(BackupError, match="^t has block hashes of algorithm 'blake3'; this pgvault knows "
+                                          "xxh3-128, sha256-128$") as caught:
+        Manifest.from_json(json.dumps(data | {"block_hash": "blake3"}).encode(), where="t")
+    assert caught.value.hint == "upgrade pgvault"
 
 
 # --- copy and materialize without a server ----------------------------------------

@@ -4,8 +4,18 @@
 comparison pass). ``PieceReader`` is the source stream of one data object: it
 reads the listed blocks of several files back to back, straight into the
 encoder's buffer (no copy), hashing every block on the way, and records where
-each file's blocks landed in the object. hashlib releases the GIL, so the
-workers of a parallel backup hash at the same time.
+each file's blocks landed in the object.
+
+Blocks are hashed with XXH3-128 (``BLOCK_HASH``). An incremental reads every
+changed file whole to find its changed blocks, and a full backup hashes every
+block besides the object's own SHA-256: measured on one core, reading from the
+page cache runs at ~15 GB/s and XXH3 at ~28 GB/s, SHA-256 at 1.5 GB/s. A block
+hash only has to tell a changed block from its earlier version and catch a
+damaged block on restore; it guards against no adversary (whoever can write the
+vault's objects can rewrite files.jsonl too), and every object's plaintext
+SHA-256 (and AEAD tag, when encrypted) is checked on every read regardless.
+With 128 bits an accidental collision is out of reach. The first 128 bits of
+SHA-256 are still computed for manifests that name that algorithm.
 
 Files are read while PostgreSQL writes them (that is what an online backup
 is; WAL replay repairs it): a file may shrink, grow or vanish under us. A read
@@ -20,13 +30,45 @@ import io
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
+
+import xxhash
 
 from pgvault.backup.errors import BackupError
-from pgvault.backup.manifest import HASH_HEX
+from pgvault.backup.manifest import BLOCK_HASH, BLOCK_HASH_SHA256, HASH_HEX
 
 
-def block_hash(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()[:HASH_HEX]
+class _Sha256Prefix:
+    """SHA-256 cut to HASH_HEX hex digits, with the interface of an xxhash object."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, data) -> None:
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:HASH_HEX]
+
+
+#: algorithm name (a manifest's ``block_hash``) -> a fresh incremental hasher with update() and hexdigest()
+HASHERS: dict[str, Callable] = {BLOCK_HASH: xxhash.xxh3_128, BLOCK_HASH_SHA256: _Sha256Prefix}
+
+
+def _hasher(algorithm: str) -> Callable:
+    try:
+        return HASHERS[algorithm]
+    except KeyError:
+        raise ValueError(f"unknown block hash algorithm {algorithm!r}") from None
+
+
+def block_hash(data: bytes | memoryview, algorithm: str = BLOCK_HASH) -> str:
+    """The hash of one block as files.jsonl records it: HASH_HEX hex digits."""
+    if algorithm == BLOCK_HASH:
+        return xxhash.xxh3_128_hexdigest(data)
+    h = _hasher(algorithm)()
+    h.update(data)
+    return h.hexdigest()
 
 
 def _open(path: str) -> int | None:
@@ -57,8 +99,9 @@ def _buffer(size: int) -> memoryview:
     return buf
 
 
-def hash_blocks(path: str, first: int, count: int, block_size: int) -> HashResult:
+def hash_blocks(path: str, first: int, count: int, block_size: int, algorithm: str = BLOCK_HASH) -> HashResult:
     """Hashes of blocks ``first .. first + count - 1`` of ``path``, up to its end."""
+    _hasher(algorithm)  # an unknown name fails here, before any read
     fd = _open(path)
     if fd is None:
         return HashResult([], [], vanished=True)
@@ -69,7 +112,7 @@ def hash_blocks(path: str, first: int, count: int, block_size: int) -> HashResul
             n = _read_full(fd, buf, block * block_size)
             if n == 0:
                 break
-            result.hashes.append(block_hash(buf[:n]))
+            result.hashes.append(block_hash(buf[:n], algorithm))
             result.lengths.append(n)
             if n < block_size:
                 break
@@ -103,14 +146,15 @@ class Piece:
 class PieceReader(io.RawIOBase):
     """The plaintext of one data object: its pieces' blocks, read and hashed in order."""
 
-    def __init__(self, pieces: list[Piece], block_size: int) -> None:
+    def __init__(self, pieces: list[Piece], block_size: int, algorithm: str = BLOCK_HASH) -> None:
         self._pieces = iter(pieces)
         self._bs = block_size
+        self._new_hash = _hasher(algorithm)
         self._piece: Piece | None = None
         self._fd: int | None = None
         self._index = 0  # into self._piece.blocks
         self._got = 0  # bytes of the current block read so far
-        self._sha = hashlib.sha256()
+        self._hash = self._new_hash()
         self.position = 0  # bytes of plaintext produced
 
     def readable(self) -> bool:
@@ -127,7 +171,7 @@ class PieceReader(io.RawIOBase):
             want = min(self._bs - self._got, len(view) - filled)
             n = os.preadv(self._fd, [view[filled:filled + want]], block * self._bs + self._got)
             if n:
-                self._sha.update(view[filled:filled + n])
+                self._hash.update(view[filled:filled + n])
                 filled += n
                 self._got += n
                 self.position += n
@@ -143,7 +187,7 @@ class PieceReader(io.RawIOBase):
             self._piece.offset = self.position
             self._fd = _open(self._piece.path)
             if self._fd is not None:
-                self._index, self._got, self._sha = 0, 0, hashlib.sha256()
+                self._index, self._got, self._hash = 0, 0, self._new_hash()
                 return True
             self._piece.vanished = True
 
@@ -151,10 +195,10 @@ class PieceReader(io.RawIOBase):
         piece = self._piece
         assert piece is not None
         if self._got:
-            piece.hashes.append(self._sha.hexdigest()[:HASH_HEX])
+            piece.hashes.append(self._hash.hexdigest())
             piece.lengths.append(self._got)
         self._index += 1
-        self._got, self._sha = 0, hashlib.sha256()
+        self._got, self._hash = 0, self._new_hash()
         if at_eof or self._index == len(piece.blocks) or (piece.lengths and piece.lengths[-1] < self._bs):
             self._close_piece()
 

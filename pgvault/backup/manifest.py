@@ -6,7 +6,7 @@ sorted by path (component by component: a directory's entries follow it), and is
 read as a stream, so no reader ever holds every block hash of a database::
 
     {"path": "base/5/1259", "type": "file", "size": N, "mode": 384, "mtime": 1.7e9,
-     "blocks": ["<first 32 hex of sha256 of each block>", ...],
+     "blocks": ["<32 hex: the hash of each block, by the manifest's block_hash>", ...],
      "sources": [{"object": "backups/<label>/data/000012", "sha256": "<object plaintext sha256>",
                   "offset": <where the listed blocks start in the object's plaintext>,
                   "blocks": [<block indexes stored there back to back, ascending>]}]}
@@ -16,6 +16,12 @@ read as a stream, so no reader ever holds every block hash of a database::
 Block ``i`` of a file holds bytes ``[i * block_size, min(size, (i + 1) * block_size))``;
 the sources of a file cover each of its blocks exactly once. Both records go
 through the object format (checksummed, encrypted when a key is configured).
+
+Block hashes find the blocks an incremental must store and check each block on
+restore. manifest.json names their algorithm, ``block_hash``: "xxh3-128" (XXH3,
+128 bits) in new backups, "sha256-128" (the first 128 bits of SHA-256) in
+manifests without the key; a name this version does not know is refused. The
+integrity of every object rests on its plaintext SHA-256 either way.
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ from pgvault.storage import Storage
 from pgvault.wal import format_lsn, parse_lsn
 
 FORMAT_VERSION = 1
-HASH_HEX = 32  # block hashes: the first 128 bits of SHA-256, in hex
+HASH_HEX = 32  # block hashes are 128 bits, in hex
+#: The block hash algorithm of new backups, and every one this version reads.
+BLOCK_HASH = "xxh3-128"
+BLOCK_HASH_SHA256 = "sha256-128"  # the first 128 bits of SHA-256: manifests without "block_hash"
+BLOCK_HASHES = (BLOCK_HASH, BLOCK_HASH_SHA256)
 ENTRY_TYPES = ("file", "dir", "link")
 
 
@@ -81,6 +91,7 @@ class Manifest:
     bytes_stored: int
     duration_seconds: float
     pgvault_version: str
+    block_hash: str = BLOCK_HASH  # how the block hashes of files.jsonl were computed: one of BLOCK_HASHES
 
     @property
     def key(self) -> str:
@@ -116,6 +127,7 @@ class Manifest:
             "bytes_stored": self.bytes_stored,
             "duration_seconds": self.duration_seconds,
             "pgvault_version": self.pgvault_version,
+            "block_hash": self.block_hash,
         }
 
     def to_json(self) -> bytes:
@@ -129,6 +141,10 @@ class Manifest:
             if version > FORMAT_VERSION:
                 raise BackupError(f"{where} has format version {version}; this pgvault reads up to {FORMAT_VERSION}",
                                   hint="upgrade pgvault")
+            block_hash = d.get("block_hash", BLOCK_HASH_SHA256)
+            if block_hash not in BLOCK_HASHES:
+                raise BackupError(f"{where} has block hashes of algorithm {block_hash!r}; this pgvault knows "
+                                  f"{', '.join(BLOCK_HASHES)}", hint="upgrade pgvault")
             manifest = cls(
                 format_version=version,
                 label=layout.check_label(d["label"]),
@@ -157,6 +173,7 @@ class Manifest:
                 bytes_stored=int(d["bytes_stored"]),
                 duration_seconds=float(d["duration_seconds"]),
                 pgvault_version=str(d["pgvault_version"]),
+                block_hash=block_hash,
             )
         except BackupError:
             raise

@@ -31,6 +31,7 @@ from pgvault.backup.errors import BackupError
 from pgvault.backup.leftovers import find_leftovers, remove_leftovers
 from pgvault.backup.lock import BackupLock
 from pgvault.backup.manifest import (
+    BLOCK_HASH,
     FORMAT_VERSION,
     FileEntry,
     FilesWriter,
@@ -282,6 +283,10 @@ def _choose_parent(storage: Storage, labels: list[str], *, backup_type: str, blo
     if newest.block_size != block_size:
         return None, (f"the newest backup {newest.label} uses {newest.block_size // 1024} KiB blocks, this one "
                       f"{block_size // 1024} KiB: taking a full backup")
+    if newest.block_hash != BLOCK_HASH:
+        # Its unchanged blocks' hashes would be copied into a manifest that names another algorithm.
+        return None, (f"the newest backup {newest.label} hashes its blocks with {newest.block_hash}, this pgvault "
+                      f"with {BLOCK_HASH}: taking a full backup")
     return newest, None
 
 
