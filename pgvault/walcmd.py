@@ -61,8 +61,16 @@ def archive_context(settings):
     return storage, record, keyring, options
 
 
+def wal_options(settings, options):
+    """WAL's codec options: [archive] compression_level instead of the backups' level."""
+    from dataclasses import replace
+
+    return replace(options, level=settings.archive.compression_level)
+
+
 def wal_push(settings, path: str, *, config_path: str | None) -> None:
     storage, record, _keyring, options = archive_context(settings)
+    options = wal_options(settings, options)
     if settings.archive.async_:
         from pgvault.pushahead import push_with_push_ahead
         from pgvault.spool import Spool
