@@ -98,11 +98,17 @@ def push_with_push_ahead(
                 path, storage=storage, record=record, options=options)
     else:
         own = push_wal_file(path, storage=storage, record=record, options=options)
+    spool.prune_markers(wal_dir)
     waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
     started = False
     if waiting and not _worker_running(spool):
         start_worker(wal_dir, config_path=config_path)
         started = True
+        # Return once the worker holds its lock, so PostgreSQL's next call waits for the
+        # worker's marker instead of pushing the same file a second time.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not _worker_running(spool):
+            time.sleep(0.005)
     return PushAheadResult(own=own, still_waiting=len(waiting), worker_started=started)
 
 
@@ -130,7 +136,8 @@ def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: 
                 p = os.path.join(wal_dir, n)
                 try:
                     push_wal_file(p, storage=storage, record=record, options=each)
-                    spool.mark_pushed(p)
+                    if os.path.exists(os.path.join(wal_dir, "archive_status", n + ".ready")):
+                        spool.mark_pushed(p)  # else PostgreSQL's own call archived it meanwhile
                     return True
                 except FileNotFoundError:
                     return False  # PostgreSQL archived it meanwhile (its own call) and removed it

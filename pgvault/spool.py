@@ -67,13 +67,14 @@ class Spool:
         return os.path.exists(self.marker_path(name))
 
     def prune_markers(self, wal_dir: str) -> None:
-        """Drop markers of files PostgreSQL no longer has."""
+        """Drop markers of files PostgreSQL no longer waits to archive (no `.ready` left)."""
         try:
             names = os.listdir(self.archive_dir)
         except OSError:
             return
+        status = os.path.join(wal_dir, "archive_status")
         for marker in names:
-            if marker.endswith(".done") and not os.path.exists(os.path.join(wal_dir, marker[:-5])):
+            if marker.endswith(".done") and not os.path.exists(os.path.join(status, marker[:-5] + ".ready")):
                 try:
                     os.unlink(os.path.join(self.archive_dir, marker))
                 except OSError:
