@@ -287,8 +287,11 @@ def wal_push_ahead(state: AppState, wal_dir: str) -> None:
     from pgvault.pushahead import run_worker
     from pgvault.spool import Spool
 
+    from pgvault.walcmd import wal_options
+
     settings = state.settings
     storage, record, _keyring, options = _archive_context(settings)
+    options = wal_options(settings, options)
     run_worker(wal_dir, storage=storage, record=record, options=options,
                spool=Spool(settings.archive.spool_dir, settings.vault.cluster), parallel=settings.archive.parallel)
 
@@ -441,6 +444,7 @@ def main() -> None:
 # Commands of other modules register themselves on `cli` when imported.
 import pgvault.cli_dump  # noqa: E402,F401
 import pgvault.cli_backup  # noqa: E402,F401
+import pgvault.cli_restore  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

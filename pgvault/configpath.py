@@ -10,7 +10,7 @@ import os
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the archive fast path ~2 ms
 
 if TYPE_CHECKING:
-    from typing import Any, Mapping
+    from typing import Mapping
 
 DEFAULT_CONFIG_PATH = "/etc/pgvault/pgvault.toml"
 DEFAULT_SPOOL_DIR = "/var/lib/pgvault/spool"

@@ -178,6 +178,18 @@ class PlanError(PgvaultError):
         self.window = window
 
 
+class RestoreError(PgvaultError):
+    """A restore was refused or failed before PostgreSQL ran: running server, non-empty directory, bad input."""
+
+    exit_code = 90
+
+
+class RecoveryError(PgvaultError):
+    """PostgreSQL did not reach the recovery target: it stopped with a FATAL error, paused elsewhere, or timed out."""
+
+    exit_code = 91
+
+
 #: Exit codes documented in the README, by class, in one place.
 EXIT_CODES: dict[type[PgvaultError], int] = {
     cls: cls.exit_code
@@ -204,5 +216,7 @@ EXIT_CODES: dict[type[PgvaultError], int] = {
         WalArchiveTimeoutError,
         BackupNotFoundError,
         DumpError,
+        RestoreError,
+        RecoveryError,
     )
 }

@@ -1,5 +1,7 @@
 """Rebuild a data directory from a backup's manifest: the part of restore that writes files.
 
+Into an absent or empty directory:
+
 1. Stream files.jsonl once: create directories (with their modes), tablespace
    symlinks (to their recorded or relocated target, which must be empty or
    absent) and every file, pre-sized to its length; note each source (object,
@@ -13,6 +15,27 @@
    starts recovery at the backup's checkpoint; leave pg_wal empty (with
    archive_status/); sync everything to disk.
 
+With ``delta=True`` into a directory that holds an older copy of the cluster
+(a damaged node), only what differs is fetched:
+
+1. files.jsonl is read whole into the index and verified *before* anything on
+   disk changes.
+2. Whatever the backup does not hold is removed: files and directories of the
+   data directory, the contents of pg_wal, and inside a tablespace only the
+   backup's own version directory (``PG_<major>_<catversion>``), reached only
+   through a link that already points at the planned location. Nothing is
+   ever followed through any other link, so nothing outside is deleted.
+3. Every directory, link and file of the backup is put in place: a wrong type
+   is replaced, modes are set, an existing file is cut or extended to its
+   size and every block is re-hashed (the manifest's algorithm) in parallel;
+   a file whose blocks all match is kept untouched.
+4. Only the objects holding mismatching blocks are read, and only those
+   blocks are written, each checked against its hash as in a full restore.
+
+A tablespace location may be non-empty only when the data directory's own
+``pg_tblspc/<oid>`` link already points to it; any other location must be
+empty or absent, as in a full restore.
+
 Files are written only under ``dest_dir`` or through the tablespace links the
 manifest names; a path that would pass through any other link is refused.
 """
@@ -21,7 +44,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -30,9 +55,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pgvault import codec
-from pgvault.backup.blocks import block_hash
+from pgvault.backup import blocks
 from pgvault.backup.errors import BackupError
-from pgvault.backup.manifest import Manifest, check_coverage, iter_files
+from pgvault.backup.manifest import FileEntry, Manifest, block_count, check_coverage, iter_files
 from pgvault.errors import CorruptObjectError
 from pgvault.storage import Storage
 
@@ -45,14 +70,30 @@ class MaterializeProgress:
     bytes_total: int
     objects_done: int
     objects_total: int
+    #: "fetch" while objects are read; "compare" while a delta restore re-hashes existing files
+    phase: str = "fetch"
 
 
 @dataclass(frozen=True)
 class MaterializeResult:
-    files: int
-    bytes_written: int
+    files: int  # regular files in the backup
+    bytes_written: int  # bytes of blocks fetched and written (every byte of the backup, unless delta)
     objects_read: int
     seconds: float
+    delta: bool = False
+    files_kept: int = 0  # delta: files whose every block already matched
+    files_fetched: int = 0  # files written (whole or in part)
+    entries_removed: int = 0  # delta: files, links and directory trees removed (not in the backup)
+    bytes_total: int = 0  # the size of every file in the backup
+    bytes_checked: int = 0  # delta: bytes re-hashed in existing files
+
+
+def _hasher(manifest: Manifest) -> Callable[[bytes | memoryview], str]:
+    """The block hash of ``manifest``'s files.jsonl: always the algorithm the manifest records."""
+    algorithm = getattr(manifest, "block_hash", None)
+    if algorithm is None:
+        return blocks.block_hash
+    return lambda data: blocks.block_hash(data, algorithm)
 
 
 def materialize_backup(
@@ -66,13 +107,16 @@ def materialize_backup(
     tablespace_map: dict[int, str] | None = None,
     require_encryption: bool = False,
     tmp_dir: str | None = None,
+    delta: bool = False,
 ) -> MaterializeResult:
-    """Recreate the data directory of ``manifest`` in ``dest_dir`` (absent or empty).
+    """Recreate the data directory of ``manifest`` in ``dest_dir`` (absent or empty, unless ``delta``).
 
     ``tablespace_map`` relocates tablespaces: {oid: new location}. Raises
     BackupError for a non-empty destination or tablespace location, and
     CorruptObjectError if any object or block fails its checks (the destination
-    is then incomplete and must not be started).
+    is then incomplete and must not be started). With ``delta``, a non-empty
+    ``dest_dir`` is brought to the backup's state fetching only what differs
+    (see the module's description); an empty one is restored in full.
     """
     started = time.monotonic()
     dest_dir = os.path.abspath(dest_dir)
@@ -80,6 +124,10 @@ def materialize_backup(
     unknown = set(relocate) - {t.oid for t in manifest.tablespaces}
     if unknown:
         raise BackupError(f"tablespace_map names tablespace(s) {sorted(unknown)} that backup {manifest.label} does not have")
+    if delta and _is_non_empty_dir(dest_dir):
+        return _materialize_delta(storage, manifest, dest_dir, keyring=keyring, parallel=parallel, progress=progress,
+                                  relocate=relocate, require_encryption=require_encryption, tmp_dir=tmp_dir,
+                                  started=started)
     _prepare_empty(dest_dir, what="destination directory")
     with tempfile.TemporaryDirectory(prefix="pgvault-materialize-", dir=tmp_dir) as work:
         index = sqlite3.connect(os.path.join(work, "index.sqlite"))
@@ -93,7 +141,11 @@ def materialize_backup(
         finally:
             index.close()
     return MaterializeResult(files=files, bytes_written=total, objects_read=objects,
-                             seconds=round(time.monotonic() - started, 3))
+                             seconds=round(time.monotonic() - started, 3), files_fetched=files, bytes_total=total)
+
+
+def _is_non_empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and bool(os.listdir(path))
 
 
 def _prepare_empty(path: str, *, what: str, mode: int = 0o700) -> None:
@@ -107,23 +159,56 @@ def _prepare_empty(path: str, *, what: str, mode: int = 0o700) -> None:
         os.makedirs(path, mode=mode)
 
 
+def _create_index(index) -> None:
+    index.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL)")
+    # wanted: the blocks of this source to write (JSON list); NULL: all of them
+    index.execute("CREATE TABLE sources (object TEXT NOT NULL, sha256 TEXT NOT NULL, offset INTEGER NOT NULL,"
+                  " file_id INTEGER NOT NULL, blocks TEXT NOT NULL, hashes TEXT NOT NULL, wanted TEXT)")
+
+
+def _add_file(index, entry: FileEntry) -> int:
+    cur = index.execute("INSERT INTO files (path, size) VALUES (?, ?)", (entry.path, entry.size))
+    file_id = cur.lastrowid
+    for s in entry.sources:
+        index.execute("INSERT INTO sources (object, sha256, offset, file_id, blocks, hashes) VALUES (?, ?, ?, ?, ?, ?)",
+                      (s.object, s.sha256, s.offset, file_id, json.dumps(s.blocks),
+                       json.dumps([entry.blocks[b] for b in s.blocks])))
+    return file_id
+
+
+def _finish_index(index, where: str) -> None:
+    index.execute("CREATE INDEX sources_by_object ON sources (object, offset)")
+    index.execute("CREATE INDEX sources_by_file ON sources (file_id)")
+    bad = index.execute("SELECT object FROM sources GROUP BY object HAVING COUNT(DISTINCT sha256) > 1").fetchone()
+    if bad:
+        raise BackupError(f"{where}: files.jsonl gives object {bad[0]} two different checksums")
+    index.commit()
+
+
+def _check_links(entry: FileEntry, other_links: list[str], where: str) -> None:
+    parts = entry.path.split("/")
+    for i in range(1, len(parts)):
+        prefix = "/".join(parts[:i])
+        if prefix in other_links:
+            raise BackupError(f"{where}: {entry.path} lies under the link {prefix}; refusing to write through it")
+
+
+def _is_tablespace_link(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1].isdigit()
+
+
 def _lay_out(storage, manifest, dest_dir, index, *, keyring, require_encryption, relocate) -> tuple[int, int]:
     """Pass 1: directories, links, pre-sized files, and the index of sources. Returns (files, bytes)."""
-    index.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL)")
-    index.execute("CREATE TABLE sources (object TEXT NOT NULL, sha256 TEXT NOT NULL, offset INTEGER NOT NULL,"
-                  " file_id INTEGER NOT NULL, blocks TEXT NOT NULL, hashes TEXT NOT NULL)")
+    _create_index(index)
     bs = manifest.block_size
     where = f"backup {manifest.label}"
-    tablespace_links: set[str] = set()
     other_links: list[str] = []
     files = total = 0
     root_mode = None
     for entry in iter_files(storage, manifest, keyring=keyring, require_encryption=require_encryption):
+        _check_links(entry, other_links, where)
         parts = entry.path.split("/")
-        for i in range(1, len(parts)):
-            prefix = "/".join(parts[:i])
-            if prefix in other_links:
-                raise BackupError(f"{where}: {entry.path} lies under the link {prefix}; refusing to write through it")
         target = os.path.join(dest_dir, entry.path)
         if entry.type == "dir":
             os.mkdir(target, entry.mode)
@@ -131,11 +216,10 @@ def _lay_out(storage, manifest, dest_dir, index, *, keyring, require_encryption,
             if entry.path == "global":
                 root_mode = entry.mode
         elif entry.type == "link":
-            if len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1].isdigit():
+            if _is_tablespace_link(entry.path):
                 location = relocate.get(int(parts[1]), entry.target)
                 _prepare_empty(location, what=f"tablespace {parts[1]} location")
                 os.symlink(location, target)
-                tablespace_links.add(entry.path)
             else:
                 os.symlink(entry.target, target)
                 other_links.append(entry.path)
@@ -147,46 +231,48 @@ def _lay_out(storage, manifest, dest_dir, index, *, keyring, require_encryption,
                 os.fchmod(fd, entry.mode)
             finally:
                 os.close(fd)
-            cur = index.execute("INSERT INTO files (path, size) VALUES (?, ?)", (entry.path, entry.size))
-            file_id = cur.lastrowid
-            for s in entry.sources:
-                index.execute("INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?)", (
-                    s.object, s.sha256, s.offset, file_id, json.dumps(s.blocks),
-                    json.dumps([entry.blocks[b] for b in s.blocks])))
+            _add_file(index, entry)
             files += 1
             total += entry.size
     if root_mode is not None:
         os.chmod(dest_dir, root_mode & 0o750)  # 0700, or 0750 for a cluster with group access
-    index.execute("CREATE INDEX sources_by_object ON sources (object, offset)")
-    bad = index.execute("SELECT object FROM sources GROUP BY object HAVING COUNT(DISTINCT sha256) > 1").fetchone()
-    if bad:
-        raise BackupError(f"{where}: files.jsonl gives object {bad[0]} two different checksums")
-    index.commit()
+    _finish_index(index, where)
     return files, total
 
 
-def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encryption, progress, total) -> int:
-    """Pass 2: every object read once, its blocks written into place; parallel by object."""
-    objects = [row for row in index.execute("SELECT DISTINCT object, sha256 FROM sources ORDER BY object")]
+def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encryption, progress, total,
+          stop_early: bool = False) -> int:
+    """Pass 2: every object holding wanted blocks read once, those blocks written into place; parallel by object.
+
+    ``stop_early``: stop decoding an object after its last wanted block (a delta
+    restore wants a few blocks of large objects; each block is still checked
+    against its hash). Otherwise every object is read to its end, where its own
+    length and checksum are checked.
+    """
+    objects = [row for row in index.execute(
+        "SELECT DISTINCT object, sha256 FROM sources WHERE wanted IS NULL OR wanted != '[]' ORDER BY object")]
     state = {"bytes": 0, "objects": 0}
     lock = threading.Lock()
+    hash_fn = _hasher(manifest)
 
     def done(nbytes: int) -> None:
         with lock:
             state["bytes"] += nbytes
             state["objects"] += 1
+            snapshot = MaterializeProgress(state["bytes"], total, state["objects"], len(objects))
         if progress is not None:
-            progress(MaterializeProgress(state["bytes"], total, state["objects"], len(objects)))
+            progress(snapshot)
 
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-materialize") as pool:
         running: set[Future] = set()
         try:
             for key, sha in objects:
                 rows = index.execute(
-                    "SELECT s.offset, f.path, f.size, s.blocks, s.hashes FROM sources s JOIN files f "
-                    "ON f.id = s.file_id WHERE s.object = ? ORDER BY s.offset", (key,)).fetchall()
+                    "SELECT s.offset, f.path, f.size, s.blocks, s.hashes, s.wanted FROM sources s JOIN files f "
+                    "ON f.id = s.file_id WHERE s.object = ? AND (s.wanted IS NULL OR s.wanted != '[]') "
+                    "ORDER BY s.offset", (key,)).fetchall()
                 running.add(pool.submit(_restore_object, storage, key, sha, rows, dest_dir, manifest.block_size,
-                                        keyring, require_encryption, done))
+                                        keyring, require_encryption, done, hash_fn, stop_early))
                 while len(running) >= 2 * parallel:
                     finished, running = wait(running, return_when=FIRST_COMPLETED)
                     for f in finished:
@@ -199,24 +285,30 @@ def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encr
     return len(objects)
 
 
-def _restore_object(storage, key, sha, rows, dest_dir, bs, keyring, require_encryption, done) -> None:
-    """In a worker: stream one object and write each block it holds; verify everything on the way."""
+def _restore_object(storage, key, sha, rows, dest_dir, bs, keyring, require_encryption, done, hash_fn,
+                    stop_early=False) -> None:
+    """In a worker: stream one object and write each wanted block it holds; verify everything on the way."""
     written = 0
     with storage.open(key) as raw:
         decoder = codec.decode(raw, name=key, keyring=keyring, expected_sha256=sha,
                                require_encryption=require_encryption)
         position = 0
-        for offset, path, size, blocks_json, hashes_json in rows:
+        for offset, path, size, blocks_json, hashes_json, wanted_json in rows:
             if offset < position:
                 raise BackupError(f"object {key}: sources overlap at offset {offset} (files.jsonl is inconsistent)")
             _skip(decoder, offset - position, key=key)
             position = offset
-            fd = os.open(os.path.join(dest_dir, path), os.O_WRONLY)
+            wanted = None if wanted_json is None else set(json.loads(wanted_json))
+            fd = os.open(os.path.join(dest_dir, path), os.O_WRONLY | os.O_NOFOLLOW)
             try:
                 for block, expected in zip(json.loads(blocks_json), json.loads(hashes_json), strict=True):
                     length = min(bs, size - block * bs)
+                    if wanted is not None and block not in wanted:
+                        _skip(decoder, length, key=key)
+                        position += length
+                        continue
                     data = _read_exact(decoder, length, key=key)
-                    if block_hash(data) != expected:
+                    if hash_fn(data) != expected:
                         raise CorruptObjectError(
                             f"object {key} is corrupt: block {block} of {path} does not match its hash in the manifest")
                     os.pwrite(fd, data, block * bs)
@@ -224,9 +316,10 @@ def _restore_object(storage, key, sha, rows, dest_dir, bs, keyring, require_encr
                     written += length
             finally:
                 os.close(fd)
-        # Read to the end: the object's own length and checksum are checked there.
-        while decoder.read(READ_CHUNK):
-            pass
+        if not stop_early:
+            # Read to the end: the object's own length and checksum are checked there.
+            while decoder.read(READ_CHUNK):
+                pass
     done(written)
 
 
@@ -289,3 +382,275 @@ def _write_text(path: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
 
+
+# --- delta ------------------------------------------------------------------------
+
+
+def tablespace_locations(manifest: Manifest, relocate: dict[int, str] | None = None) -> dict[int, str]:
+    """{oid: the location a restore puts each tablespace at} (relocated, else as backed up)."""
+    relocate = relocate or {}
+    return {t.oid: relocate.get(t.oid, t.location) for t in manifest.tablespaces}
+
+
+def check_tablespace_locations(manifest: Manifest, dest_dir: str, *, relocate: dict[int, str] | None = None,
+                               delta: bool = False) -> None:
+    """Refuse a tablespace location that holds something, unless (delta) ``dest_dir``'s own link points at it."""
+    for oid, location in tablespace_locations(manifest, relocate).items():
+        if not os.path.lexists(location):
+            continue
+        if not os.path.isdir(location):
+            raise BackupError(f"the tablespace {oid} location {location} exists and is not a directory")
+        if not os.listdir(location):
+            continue
+        link = os.path.join(dest_dir, "pg_tblspc", str(oid))
+        if delta and os.path.islink(link) and os.readlink(link) == location:
+            continue  # this data directory's own tablespace: delta brings it up to date
+        raise BackupError(
+            f"the tablespace {oid} location {location} is not empty; refusing to write into it"
+            + (f" ({link} does not point to it, so it is not this data directory's)" if delta else ""),
+            hint="give an empty location (relocate the tablespace), or remove what is there if it is not in use")
+
+
+def _materialize_delta(storage, manifest, dest_dir, *, keyring, parallel, progress, relocate, require_encryption,
+                       tmp_dir, started) -> MaterializeResult:
+    check_tablespace_locations(manifest, dest_dir, relocate=relocate, delta=True)
+    with tempfile.TemporaryDirectory(prefix="pgvault-materialize-", dir=tmp_dir) as work:
+        index = sqlite3.connect(os.path.join(work, "index.sqlite"))
+        try:
+            files, total, root_mode = _load_index(storage, manifest, index, keyring=keyring,
+                                                  require_encryption=require_encryption)
+            locations = tablespace_locations(manifest, relocate)
+            removed = _remove_extras(dest_dir, index, locations)
+            kept, fetched, checked, wanted_bytes = _reconcile(manifest, dest_dir, index, locations,
+                                                              parallel=parallel, progress=progress, total=total)
+            if root_mode is not None:
+                os.chmod(dest_dir, root_mode & 0o750)
+            objects = _fill(storage, manifest, dest_dir, index, keyring=keyring, parallel=parallel,
+                            require_encryption=require_encryption, progress=progress, total=wanted_bytes,
+                            stop_early=True)
+            _write_recovery_files(manifest, dest_dir, relocate)
+            _sync(dest_dir, index)
+        finally:
+            index.close()
+    return MaterializeResult(files=files, bytes_written=wanted_bytes, objects_read=objects,
+                             seconds=round(time.monotonic() - started, 3), delta=True, files_kept=kept,
+                             files_fetched=fetched, entries_removed=removed, bytes_total=total,
+                             bytes_checked=checked)
+
+
+def _load_index(storage, manifest, index, *, keyring, require_encryption) -> tuple[int, int, int | None]:
+    """The whole list into the index, verified to its end, before anything changes. (files, bytes, root mode)."""
+    _create_index(index)
+    index.execute("CREATE TABLE entries (seq INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, type TEXT NOT NULL,"
+                  " mode INTEGER, size INTEGER, target TEXT, file_id INTEGER, blocks TEXT)")
+    where = f"backup {manifest.label}"
+    other_links: list[str] = []
+    files = total = 0
+    root_mode = None
+    for entry in iter_files(storage, manifest, keyring=keyring, require_encryption=require_encryption):
+        _check_links(entry, other_links, where)
+        file_id = hashes = None
+        if entry.type == "file":
+            check_coverage(entry, manifest.block_size, where=where)
+            file_id = _add_file(index, entry)
+            hashes = json.dumps(entry.blocks)
+            files += 1
+            total += entry.size
+        elif entry.type == "link" and not _is_tablespace_link(entry.path):
+            other_links.append(entry.path)
+        elif entry.type == "dir" and entry.path == "global":
+            root_mode = entry.mode
+        index.execute("INSERT INTO entries (path, type, mode, size, target, file_id, blocks) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (entry.path, entry.type, entry.mode, entry.size, entry.target, file_id, hashes))
+    _finish_index(index, where)
+    return files, total, root_mode
+
+
+def _remove(path: str, st: os.stat_result) -> None:
+    """Remove ``path`` itself: a link is unlinked (never followed), a directory removed with what it holds."""
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)  # does not follow links inside (the fd-based walk)
+    else:
+        os.unlink(path)
+
+
+def _remove_extras(dest_dir: str, index, locations: dict[int, str]) -> int:
+    """Remove what the backup does not hold, under ``dest_dir`` and in the tablespaces' own version directories."""
+    removed = 0
+
+    def kind_of(rel: str) -> str | None:
+        row = index.execute("SELECT type FROM entries WHERE path = ?", (rel,)).fetchone()
+        return row[0] if row else None
+
+    def walk(rel_dir: str, abs_dir: str, *, keep_unknown: bool = False) -> None:
+        nonlocal removed
+        for name in sorted(os.listdir(abs_dir)):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            path = os.path.join(abs_dir, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            kind = kind_of(rel)
+            if kind is None:
+                if not keep_unknown:
+                    _remove(path, st)
+                    removed += 1
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                if kind == "link" and _is_tablespace_link(rel):
+                    oid = int(rel.split("/")[1])
+                    if os.readlink(path) == locations.get(oid) and os.path.isdir(path):
+                        # the tablespace's top level may hold other versions' directories: keep what is not ours
+                        walk(rel, path, keep_unknown=True)
+                elif kind == "dir" and rel == "pg_wal" and os.path.isdir(path):
+                    walk(rel, path)  # pg_wal on another disk: keep the link, clear the WAL
+                # any other link is replaced (never followed) when the backup's entries are put in place
+            elif stat.S_ISDIR(st.st_mode) and kind == "dir":
+                walk(rel, path)
+
+    walk("", dest_dir)
+    return removed
+
+
+def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, total) -> tuple[int, int, int, int]:
+    """Put every entry in place, in path order; compare existing files block by block.
+
+    Returns (files kept, files to fetch, bytes re-hashed, bytes to fetch); marks
+    each source's wanted blocks in the index.
+    """
+    bs = manifest.block_size
+    hash_fn = _hasher(manifest)
+    kept = fetched = checked = wanted_bytes = 0
+    lock = threading.Lock()
+    state = {"bytes": 0}
+
+    def compared(file_id: int, size: int, needed: list[int], nbytes: int) -> None:
+        nonlocal kept, fetched, checked, wanted_bytes
+        checked += nbytes
+        if not needed:
+            kept += 1
+            index.execute("UPDATE sources SET wanted = '[]' WHERE file_id = ?", (file_id,))
+            return
+        fetched += 1
+        wanted_bytes += sum(min(bs, size - b * bs) for b in needed)
+        needed_set = set(needed)
+        for rowid, blocks_json in index.execute("SELECT rowid, blocks FROM sources WHERE file_id = ?",
+                                                (file_id,)).fetchall():
+            wanted = [b for b in json.loads(blocks_json) if b in needed_set]
+            index.execute("UPDATE sources SET wanted = ? WHERE rowid = ?", (json.dumps(wanted), rowid))
+
+    def report(nbytes: int) -> None:
+        if progress is None:
+            return
+        with lock:
+            state["bytes"] += nbytes
+            done = state["bytes"]
+        progress(MaterializeProgress(done, total, 0, 0, phase="compare"))
+
+    rows = index.execute("SELECT path, type, mode, size, target, file_id, blocks FROM entries ORDER BY seq")
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-compare") as pool:
+        running: set[Future] = set()
+        try:
+            for path, kind, mode, size, target, file_id, hashes_json in _iter(rows):
+                where = os.path.join(dest_dir, path)
+                try:
+                    st = os.lstat(where)
+                except FileNotFoundError:
+                    st = None
+                if kind == "dir":
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        os.chmod(where, mode)
+                    elif st is not None and stat.S_ISLNK(st.st_mode) and path == "pg_wal" and os.path.isdir(where):
+                        pass  # pg_wal on another disk stays there
+                    else:
+                        if st is not None:
+                            _remove(where, st)
+                        os.mkdir(where, mode)
+                        os.chmod(where, mode)
+                elif kind == "link":
+                    want = locations[int(path.split("/")[1])] if _is_tablespace_link(path) else target
+                    if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(where) == want:
+                        if _is_tablespace_link(path) and not os.path.lexists(want):
+                            os.makedirs(want, mode=0o700)  # the link is ours, its location is gone: recreate it
+                        continue
+                    if st is not None:
+                        _remove(where, st)
+                    if _is_tablespace_link(path):
+                        _prepare_empty(want, what=f"tablespace {path.split('/')[1]} location")
+                    os.symlink(want, where)
+                elif st is not None and stat.S_ISREG(st.st_mode):
+                    expected = json.loads(hashes_json)
+                    running.add(pool.submit(_compare_file, where, file_id, size, mode, expected, bs, hash_fn, report))
+                    while len(running) >= 2 * parallel:
+                        finished, running = wait(running, return_when=FIRST_COMPLETED)
+                        for f in finished:
+                            compared(*f.result())
+                else:
+                    if st is not None:
+                        _remove(where, st)
+                    fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                    try:
+                        os.ftruncate(fd, size)
+                        os.fchmod(fd, mode)
+                    finally:
+                        os.close(fd)
+                    fetched += 1
+                    wanted_bytes += size  # its sources keep wanted = NULL: every block
+            for f in running:
+                compared(*f.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    index.commit()
+    return kept, fetched, checked, wanted_bytes
+
+
+def _iter(cursor):
+    """Rows of a cursor one at a time (the index is on disk; the entries need not fit in memory)."""
+    while True:
+        batch = cursor.fetchmany(1000)
+        if not batch:
+            return
+        yield from batch
+
+
+_buffers = threading.local()
+
+
+def _compare_file(path: str, file_id: int, size: int, mode: int, expected: list[str], bs: int,
+                  hash_fn, report) -> tuple[int, int, list[int], int]:
+    """In a worker: cut or extend ``path`` to ``size``, then hash each block.
+
+    Returns (file_id, size, the blocks that do not match, bytes read).
+    """
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) != bs:
+        buf = _buffers.buf = memoryview(bytearray(bs))
+    needed: list[int] = []
+    read = unreported = 0
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # checked as a regular file; never follow a link put since
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        os.fchmod(fd, mode)
+        for block in range(block_count(size, bs)):
+            length = min(bs, size - block * bs)
+            view = buf[:length]
+            got = 0
+            while got < length:
+                n = os.preadv(fd, [view[got:]], block * bs + got)
+                if n == 0:
+                    break
+                got += n
+            read += got
+            unreported += got
+            if got != length or hash_fn(view) != expected[block]:
+                needed.append(block)
+            if unreported >= 16 << 20:
+                report(unreported)
+                unreported = 0
+    finally:
+        os.close(fd)
+    report(unreported)
+    return file_id, size, needed, read
