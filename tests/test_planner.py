@@ -1,7 +1,6 @@
 """pgvault.planner: restore plans from hand-built catalogs (tables) and random ones (hypothesis)."""
 
 import json
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -21,19 +20,13 @@ from pgvault.planner import (
 )
 from pgvault.targets import Target, parse_target
 from pgvault.wal import HistoryEntry, parse_lsn, parse_wal_file_name, segment_name
+from tests.asserts import raises_exactly
 
 UTC = timezone.utc
 MIB = 1024 * 1024
 SEG = 16 * MIB
 T0 = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
 
-
-@contextmanager
-def raises_exactly(cls, message):
-    with pytest.raises(cls) as info:
-        yield info
-    assert type(info.value) is cls
-    assert str(info.value) == message
 
 
 def at(text):

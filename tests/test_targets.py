@@ -1,12 +1,19 @@
 """pgvault.targets: parsing --to / --timeline and the recovery settings they become."""
 
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from pgvault.errors import EXIT_CODES, TargetError
-from pgvault.targets import Target, conf_quote, format_time, parse_target, parse_timeline, recovery_settings
+from pgvault.targets import (
+    Target,
+    conf_quote,
+    format_time,
+    parse_target,
+    parse_timeline,
+    recovery_settings,
+)
+from tests.asserts import raises_exactly
 
 UTC = timezone.utc
 SYNTAX = (
@@ -14,13 +21,6 @@ SYNTAX = (
     "'latest', 'immediate', 'lsn:<X/X>', 'xid:<number>' or 'name:<restore point>'"
 )
 
-
-@contextmanager
-def raises_exactly(cls, message):
-    with pytest.raises(cls) as info:
-        yield info
-    assert type(info.value) is cls
-    assert str(info.value) == message
 
 
 def test_target_error_has_its_exit_code():

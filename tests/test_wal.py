@@ -1,7 +1,6 @@
 """pgvault.wal: LSNs, segment names, archive file names, timeline histories, page headers."""
 
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -9,20 +8,13 @@ import pytest
 from pgvault import wal
 from pgvault.errors import EXIT_CODES, ForeignWalError, WalFormatError
 from pgvault.wal import HistoryEntry, LongPageHeader, WalFileName
+from tests.asserts import raises_exactly
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 SEG16 = 16 * MIB
 DATA = Path(__file__).parent / "data"
 
-
-@contextmanager
-def raises_exactly(cls, message):
-    """Assert the exact error class (not a subclass) and the exact message."""
-    with pytest.raises(cls) as info:
-        yield info
-    assert type(info.value) is cls
-    assert str(info.value) == message
 
 
 def test_wal_format_error_has_its_exit_code():
