@@ -11,7 +11,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 
 need_apt=()
 command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ] && [ -x "$(pg_config --bindir)/pgbench" ] \
-  || need_apt+=(postgresql-15 postgresql-contrib-15 postgresql-client-15 libpq5)
+  || need_apt+=(postgresql-15 postgresql-client-15 libpq5)  # contrib (amcheck, …) is part of postgresql-15
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v runuser >/dev/null || need_apt+=(util-linux)
