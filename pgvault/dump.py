@@ -273,24 +273,12 @@ class PgTool:
 
 def find_pg_tool(name: str, *, bin_dir: str | None) -> str:
     """The path of PostgreSQL program ``name``: in ``bin_dir``, else ``pg_config --bindir``, else PATH."""
+    found = pg.pg_program_candidates(name, bin_dir=bin_dir)
+    if found:
+        return found[0]
     if bin_dir:
-        path = os.path.join(bin_dir, name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
         raise DumpError(f"{name} not found in [postgres] bin_dir {bin_dir}",
                         hint="set [postgres] bin_dir to the bin directory of the server's PostgreSQL version")
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True)
-            path = os.path.join(out.stdout.strip(), name)
-            if os.path.isfile(path) and os.access(path, os.X_OK):
-                return path
-        except (OSError, subprocess.SubprocessError):
-            pass
-    path = shutil.which(name)
-    if path:
-        return path
     raise DumpError(f"{name} not found (not in `pg_config --bindir`, not on PATH)",
                     hint="install PostgreSQL's client programs, or set [postgres] bin_dir to their directory")
 

@@ -170,3 +170,46 @@ def archiver_status(conn: Any) -> ArchiverStatus:
             """
         )
         return ArchiverStatus(*cur.fetchone())
+
+
+def pg_program_candidates(name: str, *, bin_dir: str | None, major: int | None = None) -> list[str]:
+    """Executable paths where PostgreSQL program ``name`` may be, best first.
+
+    With ``bin_dir`` only that directory counts (the user chose it). Otherwise:
+    ``pg_config --bindir``, Debian's ``/usr/lib/postgresql/<major>/bin`` when the
+    major version is known, then PATH.
+    """
+    import shutil
+    import subprocess
+
+    if bin_dir:
+        paths = [os.path.join(bin_dir, name)]
+    else:
+        paths = []
+        pg_config = shutil.which("pg_config")
+        if pg_config:
+            try:
+                out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True)
+                paths.append(os.path.join(out.stdout.strip(), name))
+            except (OSError, subprocess.SubprocessError):
+                pass
+        if major is not None:
+            paths.append(f"/usr/lib/postgresql/{major}/bin/{name}")
+        found = shutil.which(name)
+        if found:
+            paths.append(found)
+    unique = list(dict.fromkeys(paths))
+    return [p for p in unique if os.path.isfile(p) and os.access(p, os.X_OK)]
+
+
+def program_major(path: str) -> int | None:
+    """The PostgreSQL major version a program says it belongs to (``--version``), or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\(PostgreSQL\)\s+(\d+)", out.stdout)
+    return int(m[1]) if m else None

@@ -39,7 +39,6 @@ import os
 import pwd
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from pgvault import pg
 from pgvault.backup.errors import BackupError
 from pgvault.backup.manifest import Manifest
 from pgvault.backup.materialize import (
@@ -527,26 +527,9 @@ def _owner_can_run(user: pwd.struct_passwd, executable: str, config_path: str | 
 
 def find_pg_ctl(*, bin_dir: str | None, major: int) -> str:
     """pg_ctl of PostgreSQL ``major``: in ``bin_dir``, else `pg_config --bindir`, Debian's layout, PATH."""
-    candidates = []
-    if bin_dir:
-        candidates.append(os.path.join(bin_dir, "pg_ctl"))
-    else:
-        pg_config = shutil.which("pg_config")
-        if pg_config:
-            try:
-                out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True)
-                candidates.append(os.path.join(out.stdout.strip(), "pg_ctl"))
-            except (OSError, subprocess.SubprocessError):
-                pass
-        candidates.append(f"/usr/lib/postgresql/{major}/bin/pg_ctl")
-        found = shutil.which("pg_ctl")
-        if found:
-            candidates.append(found)
     seen = []
-    for path in candidates:
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            continue
-        version = _tool_major(path)
+    for path in pg.pg_program_candidates("pg_ctl", bin_dir=bin_dir, major=major):
+        version = pg.program_major(path)
         if version == major:
             return path
         seen.append(f"{path} is PostgreSQL {version}")
@@ -554,15 +537,6 @@ def find_pg_ctl(*, bin_dir: str | None, major: int) -> str:
     raise RestoreError(f"no pg_ctl of PostgreSQL {major} (the backup's version) in {where}"
                        + (f": {'; '.join(seen)}" if seen else ""),
                        hint=f"install PostgreSQL {major}, or set [postgres] bin_dir to its bin directory")
-
-
-def _tool_major(path: str) -> int | None:
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"\(PostgreSQL\)\s+(\d+)", out.stdout)
-    return int(m[1]) if m else None
 
 
 def _socket_dir(data_dir: str, label: str, user: pwd.struct_passwd, *, as_root: bool) -> str:
