@@ -284,7 +284,30 @@ def read_header(source: BinaryIO, *, name: str | None = None) -> ObjectHeader:
     )
 
 
-class EncodingReader(io.RawIOBase):
+class _SizedReader(io.RawIOBase):
+    """read()/readinto() over one ``_read_sized(n)``: the shape both codec streams share."""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while part := self.read(BLOCK_SIZE * 4):
+                parts.append(part)
+            return b"".join(parts)
+        return self._read_sized(size)
+
+    def readinto(self, buffer) -> int:  # so io.RawIOBase helpers work too
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _read_sized(self, size: int) -> bytes:
+        raise NotImplementedError
+
+
+class EncodingReader(_SizedReader):
     """A readable stream of the encoded object; hand it to ``Storage.put``.
 
     Work happens inside ``read``: one source block is read, hashed, compressed
@@ -331,25 +354,12 @@ class EncodingReader(io.RawIOBase):
         self._out.put(self._header)
         self._pending = bytearray()  # payload bytes not yet sealed into a chunk
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            parts = []
-            while part := self.read(BLOCK_SIZE * 4):
-                parts.append(part)
-            return b"".join(parts)
+    def _read_sized(self, size: int) -> bytes:
         while len(self._out) < size and not self._done:
             self._step()
         data = self._out.take(size)
         self.encoded_size += len(data)
         return data
-
-    def readinto(self, buffer) -> int:  # so io.RawIOBase helpers work too
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def _read_block(self, *, fill: bool = False) -> bytes | memoryview:
         """The next block of the source; with ``fill``, a full block unless the source ends."""
@@ -544,7 +554,7 @@ class _Payload:
         return self._buf.take(len(self._buf))
 
 
-class DecodingReader(io.RawIOBase):
+class DecodingReader(_SizedReader):
     """A readable stream of an object's plaintext, verified as it goes.
 
     Chunks are authenticated as they are read; the plaintext length and SHA-256
@@ -627,15 +637,7 @@ class DecodingReader(io.RawIOBase):
                 return
         raise _corrupt(self.name, "too many chunks")
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            parts = []
-            while part := self.read(BLOCK_SIZE * 4):
-                parts.append(part)
-            return b"".join(parts)
+    def _read_sized(self, size: int) -> bytes:
         if self.closed:
             raise ValueError(f"object {self.name}: read from a closed reader")
         if self._error is not None:
@@ -661,11 +663,6 @@ class DecodingReader(io.RawIOBase):
         self._error = error
         self._hasher.close()
         raise error from None
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def _finish(self) -> None:
         digest = self._hasher.hexdigest()
