@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from pgvault.storage import Storage
 from pgvault.wal import WalFileName, parse_wal_file_name
@@ -42,10 +41,6 @@ class ArchivedWal:
     @property
     def key(self) -> str:
         return format_wal_key(self.name, sha256=self.sha256, completed_ms=self.completed_ms, size=self.size)
-
-    @property
-    def completed_at(self) -> datetime:
-        return datetime.fromtimestamp(self.completed_ms / 1000, tz=timezone.utc)
 
     @property
     def timeline(self) -> int:
@@ -147,8 +142,3 @@ def summarize_wal(entries: Iterable[ArchivedWal]) -> list[TimelineWal]:
             has_history=tli in histories,
         ))
     return out
-
-
-def iter_wal_keys(storage: Storage) -> Iterator[str]:
-    for info in storage.list(WAL_PREFIX):
-        yield info.key

@@ -47,7 +47,6 @@ def ready_wal_files(wal_dir: str) -> list[str]:
 class PushAheadResult:
     own: PushResult | None  # None: the worker pushed it while this call waited
     still_waiting: int
-    worker_started: bool
 
 
 def _worker_running(spool: Spool) -> bool:
@@ -100,16 +99,14 @@ def push_with_push_ahead(
         own = push_wal_file(path, storage=storage, record=record, options=options)
     spool.prune_markers(wal_dir)
     waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
-    started = False
     if waiting and not _worker_running(spool):
         start_worker(wal_dir, config_path=config_path)
-        started = True
         # Return once the worker holds its lock, so PostgreSQL's next call waits for the
         # worker's marker instead of pushing the same file a second time.
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not _worker_running(spool):
             time.sleep(0.005)
-    return PushAheadResult(own=own, still_waiting=len(waiting), worker_started=started)
+    return PushAheadResult(own=own, still_waiting=len(waiting))
 
 
 def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: CodecOptions, spool: Spool,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -113,6 +112,8 @@ def init_vault(
     if existing is not None:
         check_same_cluster(existing, system_identifier, storage=storage)
         return InitResult(record=existing, created=False)
+    import socket  # here, not at the top: wal-push imports this module for every segment
+
     record = VaultRecord(
         format_version=FORMAT_VERSION,
         cluster=cluster,
