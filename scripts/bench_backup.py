@@ -684,19 +684,24 @@ def main() -> None:
         code = 1
     finally:
         bench.cleanup()
+    finish(bench, started=started, code=code, report=report, as_json=args.json)
+
+
+
+def finish(bench, *, started: float, code: int, report, as_json: bool) -> None:
+    """Print the run's results (text, or JSON with the text on stderr) and exit with ``code``."""
     bench.results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     bench.results["seconds"] = round(time.monotonic() - started, 1)
     if bench.samples and code == 0:
         results = bench.summarize()
         text = report(results)
-        if args.json:
+        if as_json:
             print(text, file=sys.stderr)
             print(json.dumps(results, indent=2, default=str))
         else:
             print(text)
             print(f"(run took {results['seconds']:.0f} s)")
     sys.exit(code)
-
 
 if __name__ == "__main__":
     main()

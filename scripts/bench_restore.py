@@ -414,18 +414,7 @@ def main() -> None:
         if args.keep:
             shutil.rmtree(bench.path("restore"), ignore_errors=True)
         bench.cleanup()
-    bench.results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    bench.results["seconds"] = round(time.monotonic() - started, 1)
-    if bench.samples and code == 0:
-        results = bench.summarize()
-        text = report(results)
-        if args.json:
-            print(text, file=sys.stderr)
-            print(json.dumps(results, indent=2, default=str))
-        else:
-            print(text)
-            print(f"(run took {results['seconds']:.0f} s)")
-    sys.exit(code)
+    bench_backup.finish(bench, started=started, code=code, report=report, as_json=args.json)
 
 
 if __name__ == "__main__":
