@@ -57,11 +57,14 @@ class Spool:
             return False
         if recorded != current:
             return False  # a stale marker (e.g. a restored node reusing the name): check the vault instead
+        self.drop_marker(os.path.basename(path))
+        return True
+
+    def drop_marker(self, name: str) -> None:
         try:
-            os.unlink(marker)
+            os.unlink(self.marker_path(name))
         except OSError:
             pass
-        return True
 
     def has_marker(self, name: str) -> bool:
         return os.path.exists(self.marker_path(name))
@@ -75,7 +78,4 @@ class Spool:
         status = os.path.join(wal_dir, "archive_status")
         for marker in names:
             if marker.endswith(".done") and not os.path.exists(os.path.join(status, marker[:-5] + ".ready")):
-                try:
-                    os.unlink(os.path.join(self.archive_dir, marker))
-                except OSError:
-                    pass
+                self.drop_marker(marker[:-5])
