@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -87,19 +88,42 @@ def divergence_error(name: str, *, theirs: str, ours: str) -> ArchiveDivergenceE
     )
 
 
-#: WAL files up to this size are read into memory once: hashed and encoded from
-#: the same bytes (a 16 MiB segment costs one read and one SHA-256, not two).
+#: WAL files up to this size are encoded in memory: mapped (no copy), hashed in a
+#: helper thread while zstd compresses them, then framed under their key.
 IN_MEMORY_LIMIT = 64 << 20
 
 
-def _read_once(path: str) -> tuple[bytes | None, str, int]:
-    """(content or None if too large to hold, sha256 hex, size)."""
-    if os.path.getsize(path) <= IN_MEMORY_LIMIT:
-        with open(path, "rb") as f:
-            data = f.read()
-        return data, hashlib.sha256(data).hexdigest(), len(data)
-    sha, size = file_sha256(path)
-    return None, sha, size
+def _store(storage: Storage, key: str, source) -> bool:
+    """Put ``source`` under ``key``; False if an identical object (same key: same checksum) won a race."""
+    try:
+        storage.put(key, source)
+        return True
+    except ObjectExistsError:
+        return False
+
+
+def _push_in_memory(path: str, name: str, *, storage: Storage, record: VaultRecord, options: CodecOptions,
+                    completed_ms: int, started: float) -> PushResult:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        # A segment is never rewritten once complete, so mapping it is as good as reading it.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    try:
+        prepared = codec.prepare_payload(data, compression=options.compression, level=options.level,
+                                         threads=options.threads)
+        sha = prepared.plaintext_sha256
+        for existing in find_archived(storage, name, segment_size=record.wal_segment_size):
+            if existing.sha256 == sha:
+                return PushResult(name, existing.key, sha, size, True, time.monotonic() - started)
+            raise divergence_error(name, theirs=existing.sha256, ours=sha)
+        key = format_wal_key(name, sha256=sha, completed_ms=completed_ms, size=size)
+        stored = b"".join(codec.frame_payload(prepared, name=key, key=options.key))
+        del prepared  # the payload may be a view of the mapping, which closes below
+        fresh = _store(storage, key, io.BytesIO(stored))
+        return PushResult(name, key, sha, size, not fresh, time.monotonic() - started)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
 
 
 def push_wal_file(path: str, *, storage: Storage, record: VaultRecord, options: CodecOptions) -> PushResult:
@@ -108,25 +132,23 @@ def push_wal_file(path: str, *, storage: Storage, record: VaultRecord, options: 
     name = os.path.basename(path)
     check_wal_file_identity(path, name=name, record=record)
     completed_ms = os.stat(path).st_mtime_ns // 1_000_000
-    data, sha, size = _read_once(path)
+    if os.path.getsize(path) <= IN_MEMORY_LIMIT:
+        return _push_in_memory(path, name, storage=storage, record=record, options=options,
+                               completed_ms=completed_ms, started=started)
 
+    sha, size = file_sha256(path)
     for existing in find_archived(storage, name, segment_size=record.wal_segment_size):
         if existing.sha256 == sha:
             return PushResult(name, existing.key, sha, size, True, time.monotonic() - started)
         raise divergence_error(name, theirs=existing.sha256, ours=sha)
-
     key = format_wal_key(name, sha256=sha, completed_ms=completed_ms, size=size)
-    with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
+    with open(path, "rb") as f:
         encoder = codec.encode(f, name=key, compression=options.compression, level=options.level,
-                               threads=options.threads, key=options.key,
-                               known_sha256=sha if data is not None else None)
-        try:
-            storage.put(key, encoder)
-        except ObjectExistsError:
-            # The same key means the same checksum: another push of this very content won.
+                               threads=options.threads, key=options.key)
+        if not _store(storage, key, encoder):
             return PushResult(name, key, sha, size, True, time.monotonic() - started)
     if encoder.plaintext_sha256 != sha or encoder.plaintext_size != size:
-        # PostgreSQL never rewrites a completed segment; if it changed under us, say so loudly.
+        # PostgreSQL never rewrites a completed file; if it changed under us, say so loudly.
         storage.delete(key)
         raise PgvaultError(f"WAL file {path} changed while it was being archived; not archived")
     return PushResult(name, key, sha, size, False, time.monotonic() - started)

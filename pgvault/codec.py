@@ -723,3 +723,59 @@ def decode_bytes(blob: bytes, **kwargs) -> bytes:
     kwargs.setdefault("keyring", None)
     with decode(io.BytesIO(blob), **kwargs) as reader:
         return reader.read()
+
+
+@dataclass(frozen=True)
+class PreparedPayload:
+    """A whole plaintext hashed and compressed in memory, ready to be framed under a name.
+
+    For objects whose name depends on their checksum (WAL keys carry it) and
+    that fit in memory: hashing and compressing run at the same time on two
+    cores instead of one after the other, and nothing is copied on the way.
+    """
+
+    compression: str
+    payload: bytes | memoryview  # the zstd frame, or the plaintext itself
+    plaintext_size: int
+    plaintext_sha256: str
+
+
+def prepare_payload(data: bytes | memoryview, *, compression: str, level: int, threads: int) -> PreparedPayload:
+    """Hash ``data`` (in a helper thread: hashlib releases the GIL) while zstd compresses it."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    digest: list[bytes] = []
+    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).digest()))
+    hasher.start()
+    try:
+        if compression == "zstd":
+            threads = threads if len(data) >= BLOCK_SIZE else 0
+            payload: bytes | memoryview = zstandard.ZstdCompressor(level=level, threads=threads).compress(data)
+        else:
+            payload = data
+    finally:
+        hasher.join()
+    return PreparedPayload(compression, payload, len(data), digest[0].hex())
+
+
+def frame_payload(prepared: PreparedPayload, *, name: str, key: VaultKey | None,
+                  chunk_size: int = CHUNK_SIZE) -> list[bytes | memoryview]:
+    """The stored bytes of object ``name`` holding ``prepared``: exactly what ``encode`` writes."""
+    data_key = os.urandom(DATA_KEY_SIZE) if key is not None else None
+    header, nonce_prefix = _build_header(
+        name=name, compression=prepared.compression, key=key, data_key=data_key, chunk_size=chunk_size)
+    trailer = _TRAILER.pack(TRAILER_MAGIC, prepared.plaintext_size, bytes.fromhex(prepared.plaintext_sha256))
+    if data_key is None:
+        return [header, prepared.payload, trailer]
+    aead = AESGCM(data_key)
+    body = memoryview(b"".join((prepared.payload, trailer)))
+    whole = len(body) // chunk_size
+    if whole >= MAX_CHUNKS:
+        raise ValueError(f"object {name} is too large for the chunk counter")
+    parts: list[bytes | memoryview] = [header]
+    for index in range(whole):
+        piece = body[index * chunk_size:(index + 1) * chunk_size]
+        parts.append(aead.encrypt(_chunk_nonce(nonce_prefix, index, False), piece, header))
+    # The rest, shorter than a chunk and possibly empty, is the final chunk.
+    parts.append(aead.encrypt(_chunk_nonce(nonce_prefix, whole, True), body[whole * chunk_size:], header))
+    return parts

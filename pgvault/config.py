@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -150,18 +149,32 @@ def _coerce(value: Any, type_str: str, *, from_env: bool) -> Any:
     raise ValueError
 
 
+def _parse_toml(text: str) -> dict[str, Any]:
+    """tomllib's result; plain files (all of pgvault's) are read without importing it (archive_command pays per call)."""
+    document = configpath.scan_config(text)
+    if document is None:
+        import tomllib
+
+        document = tomllib.loads(text)
+    return document
+
+
 def _read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist", hint="give an existing file with --config or $PGVAULT_CONFIG") from None
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable by this user", hint="the postgres user must be able to read it for archive_command") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a directory") from None
+    try:
+        return _parse_toml(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
 def load_settings(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -28,48 +28,6 @@ def _parse_fast_wal_push(argv: list[str]) -> tuple[str | None, str] | None:
     return config, argv[i + 1]
 
 
-def scan_config(text: str) -> dict[tuple[str, str], object] | None:
-    """The plain `key = value` lines of a TOML file by (section, key), or None when unsure.
-
-    Only for the fast path: tomllib costs ~10 ms to import, a third of the call.
-    Anything it does not read plainly (escapes, arrays, inline tables, dotted
-    keys, multi-line strings) makes it give up, and the full path, which parses
-    the file properly, takes over.
-    """
-    values: dict[tuple[str, str], object] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            if line.startswith("[[") or not line.endswith("]"):
-                return None
-            section = line[1:-1].strip()
-            continue
-        key, eq, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not eq or not key.replace("_", "").isalnum():
-            return None
-        if value[:1] in ("'", '"'):
-            quote = value[0]
-            close = value.find(quote, 1)
-            rest = value[close + 1:].strip() if close > 0 else "x"
-            if close < 0 or value.startswith(quote * 3) or (quote == '"' and "\\" in value[:close]) \
-                    or (rest and not rest.startswith("#")):
-                return None
-            values[(section, key)] = value[1:close]
-        else:
-            word = value.split("#", 1)[0].strip()
-            if word in ("true", "false"):
-                values[(section, key)] = word == "true"
-            elif word.lstrip("-").isdigit():
-                values[(section, key)] = int(word)
-            else:
-                return None
-    return values
-
-
 def _fast_wal_push(argv: list[str]) -> bool:
     parsed = _parse_fast_wal_push(argv)
     if parsed is None:
@@ -84,14 +42,15 @@ def _fast_wal_push(argv: list[str]) -> bool:
         found: dict = {}
         if path:
             with open(path, encoding="utf-8") as f:
-                scanned = scan_config(f.read())
+                scanned = configpath.scan_config(f.read())
             if scanned is None:
                 return False
             found = scanned
 
         def setting(section: str, key: str, default: object) -> object:
             env = os.environ.get(configpath.env_var_name(section, key), "")
-            return env if env != "" else found.get((section, key), default)
+            table = found.get(section)
+            return env if env != "" else table.get(key, default) if isinstance(table, dict) else default
 
         # Unvalidated on purpose: a wrong value sends us to the full path, which validates.
         async_ = setting("archive", "async", False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 from pgvault.errors import PgvaultError
 
@@ -38,6 +37,12 @@ def parse_wal_argv(argv: list[str]) -> tuple[str | None, bool, str, list[str]] |
     if len(rest) == 3 and rest[0] == "wal-fetch" and not any(a.startswith("-") for a in rest[1:]):
         return config, debug, "wal-fetch", rest[1:]
     return None
+
+
+def _print_traceback() -> None:
+    import traceback  # with --debug only: it costs every WAL command ~5 ms to import
+
+    traceback.print_exc()
 
 
 def print_error(exc: PgvaultError) -> None:
@@ -115,12 +120,12 @@ def run_wal_push(config_path: str | None, path: str, *, debug: bool = False, set
         return 0
     except PgvaultError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print_error(exc)
         return exc.exit_code
     except Exception as exc:  # the process boundary: one line, never a bare traceback
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"pgvault: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
 
@@ -139,13 +144,13 @@ def run_wal_fetch(config_path: str | None, name: str, dest: str, *, debug: bool 
         return FETCH_NOT_FOUND_EXIT
     except PgvaultError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print_error(exc)
         print("pgvault wal-fetch: stopping recovery (exit 255): fix the error and start the server again to resume",
               file=sys.stderr)
         return FETCH_FATAL_EXIT
     except BaseException as exc:  # anything unexpected must stop recovery too, never look like "no more WAL"
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"pgvault wal-fetch: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return FETCH_FATAL_EXIT

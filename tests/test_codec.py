@@ -406,3 +406,40 @@ def test_trailer_layout_is_stable() -> None:
     plain, sha = codec.encode_bytes(b"abc", name=NAME, compression="none")
     magic, length, digest = struct.unpack(">8sQ32s", plain[-codec.TRAILER_SIZE :])
     assert (magic, length, digest.hex()) == (b"PGVTRAIL", 3, sha)
+
+
+def framed(data: bytes, *, compression: str, key: VaultKey | None, chunk_size: int = SMALL_CHUNK) -> tuple[bytes, str]:
+    prepared = codec.prepare_payload(data, compression=compression, level=1, threads=2)
+    return b"".join(codec.frame_payload(prepared, name=NAME, key=key, chunk_size=chunk_size)), prepared.plaintext_sha256
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, SMALL_CHUNK * 3 + 17, 2 * MiB + 5])
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+@pytest.mark.parametrize("key", [None, KEY])
+def test_in_memory_framing_reads_back_like_a_streamed_object(size: int, compression: str,
+                                                             key: VaultKey | None) -> None:
+    data = sample(size)
+    blob, sha = framed(data, compression=compression, key=key)
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert decode_all(blob, expected_sha256=sha, require_encryption=key is not None) == data
+    header = codec.read_header(io.BytesIO(blob))
+    streamed = codec.read_header(io.BytesIO(codec.encode_bytes(
+        data, name=NAME, compression=compression, key=key, chunk_size=SMALL_CHUNK)[0]))
+    assert (header.compression, header.encryption, header.chunk_size, header.name) == \
+        (streamed.compression, streamed.encryption, streamed.chunk_size, streamed.name)
+
+
+def test_in_memory_framing_ends_an_exact_multiple_with_an_empty_final_chunk() -> None:
+    data = os.urandom(2 * SMALL_CHUNK - codec.TRAILER_SIZE)
+    blob, _ = framed(data, compression="none", key=KEY)
+    offsets = chunk_offsets(blob)
+    assert len(offsets) == 3 and len(blob) - offsets[-1] == codec.TAG_SIZE
+    assert decode_all(blob) == data
+
+
+def test_in_memory_framing_detects_tampering() -> None:
+    blob, _ = framed(sample(3 * SMALL_CHUNK), compression="zstd", key=KEY)
+    expect_corrupt(flip(blob, chunk_offsets(blob)[1] + 5), "authentication")
+    plain, _ = framed(sample(3 * SMALL_CHUNK), compression="zstd", key=None)
+    with pytest.raises(CorruptObjectError):
+        decode_all(flip(plain, len(plain) - 3))

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgvault.config import DEFAULT_VAULT_URL, describe_env_overrides, load_settings
 from pgvault.errors import ConfigError
@@ -110,23 +112,21 @@ def test_every_key_has_a_documented_environment_variable():
     assert not missing, f"README does not document {missing}"
 
 
-# The archive_command fast path reads three keys without tomllib; where it is unsure it must say so.
-from pgvault.entry import scan_config  # noqa: E402
+# archive_command reads its config without tomllib; where the scanner is unsure it must say so.
+from pgvault.configpath import scan_config  # noqa: E402
 
 
 @pytest.mark.parametrize("text, expected", [
     ('[archive]\nasync = true\nspool_dir = "/s p"\n[vault]\ncluster = \'east\'  # c\n',
-     {("archive", "async"): True, ("archive", "spool_dir"): "/s p", ("vault", "cluster"): "east"}),
+     {"archive": {"async": True, "spool_dir": "/s p"}, "vault": {"cluster": "east"}}),
     ("# only a comment\n\n[archive]\nparallel = 4\nasync = false\n",
-     {("archive", "parallel"): 4, ("archive", "async"): False}),
-    ('[vault]\nurl = "s3://b/p" # trailing\n', {("vault", "url"): "s3://b/p"}),
+     {"archive": {"parallel": 4, "async": False}}),
+    ('[vault]\nurl = "s3://b/p" # trailing\n[empty]\n', {"vault": {"url": "s3://b/p"}, "empty": {}}),
 ])
 def test_fast_path_scanner_reads_plain_lines(text, expected):
-    assert scan_config(text) == expected
     import tomllib
 
-    parsed = tomllib.loads(text)
-    assert all(parsed[s][k] == v for (s, k), v in expected.items())
+    assert scan_config(text) == expected == tomllib.loads(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -137,6 +137,42 @@ def test_fast_path_scanner_reads_plain_lines(text, expected):
     "[[archive]]\nasync = true\n",             # an array of tables
     '[archive]\nspool_dir = "a" "b"\n',        # junk after the value
     "[archive]\nasync = yes\n",                # not TOML
+    "[archive]\nparallel = 1\nparallel = 2\n",  # a repeated key (tomllib refuses it)
+    "[archive]\n[archive]\n",                  # a repeated table
+    "[archive]\nparallel = 007\n",             # a leading zero
+    "[archive]\nparallel = --5\n",             # not a number
+    "[archive]\nparallel = 1_000\n",           # underscores: TOML, but not plain
+    "[archive.x]\nasync = true\n",             # a dotted table
+    "[archivé]\nasync = true\n",               # not a bare key
 ])
 def test_fast_path_scanner_gives_up_when_unsure(text):
     assert scan_config(text) is None
+
+
+_LINE = st.sampled_from([
+    "[vault]", "[archive]", "[ archive ]", "[a.b]", "[[x]]", "", "# c", "   ",
+    "url = 'file:///v'", 'url = "s3://b/p" # c', 'url = "a\\tb"', "url = 'x'y", 'k = ""', "k = ''",
+    "parallel = 4", "parallel = -0", "parallel = 04", "parallel = +4", "parallel = 4#c", "parallel = 1.5",
+    "async = true", "async = false", "async = True", "async=", "= 1", "a b = 1", "k = [1]", "k = {a = 1}",
+    "k = '''x'''", 'k = "x\x01"', "k = 'tab\there'", "k = 'quote\"in'", "k = 12345678901234567890",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINE, max_size=8))
+def test_scanner_agrees_with_tomllib_whenever_it_answers(lines):
+    import tomllib
+
+    text = "\n".join(lines) + "\n"
+    scanned = scan_config(text)
+    if scanned is None:
+        return  # tomllib decides, and reports its own errors
+    assert tomllib.loads(text) == scanned
+
+
+def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"[vault]\nurl = '\xff'\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(path), environ={})
+    assert str(err.value) == f"config file {path} is not UTF-8 text (byte 15)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import secrets
 from typing import BinaryIO, Iterator
 
 from pgvault.errors import ObjectExistsError, ObjectNotFoundError, StorageError, VaultUnreachableError
@@ -77,7 +76,7 @@ class LocalStorage:
     def put(self, key: str, source: BinaryIO) -> ObjectInfo:
         path = self._path(key)
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}")
         size = 0
         try:
             self._makedirs(directory)
