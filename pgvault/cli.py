@@ -445,6 +445,9 @@ def main() -> None:
 import pgvault.cli_dump  # noqa: E402,F401
 import pgvault.cli_backup  # noqa: E402,F401
 import pgvault.cli_restore  # noqa: E402,F401
+import pgvault.cli_reseed  # noqa: E402,F401
+import pgvault.cli_daemon  # noqa: E402,F401
+import pgvault.cli_maintain  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

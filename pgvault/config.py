@@ -76,6 +76,35 @@ class BackupSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSettings:
+    """`pgvault daemon`'s cron strings (unset: that job does not run) and how missed runs are handled."""
+
+    full: str | None = None
+    incremental: str | None = None
+    dump: str | None = None
+    verify: str | None = None
+    expire: str | None = None
+    drill: str | None = None
+    timezone: str = "UTC"
+    catch_up: str = "1h"  # a run missed while the daemon was down runs at start-up if this recent
+    jitter: str = "0s"  # each run starts up to this long after its time
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = "127.0.0.1:9187"  # host:port of the daemon's /metrics; empty: no metrics server
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """`pgvault expire`: unset keys keep everything they govern (no [retention] at all removes nothing)."""
+
+    full: int | None = None  # keep the N newest full backups, with their incrementals
+    window: str | None = None  # keep every point of this recent past restorable, e.g. "14d"
+    dumps: int | None = None  # keep the N newest logical dumps
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str  # the file the settings came from, or "built-in defaults"
     vault: VaultSettings = VaultSettings()
@@ -84,6 +113,9 @@ class Settings:
     compression: CompressionSettings = CompressionSettings()
     archive: ArchiveSettings = ArchiveSettings()
     backup: BackupSettings = BackupSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 _SECTIONS: dict[str, type] = {
@@ -93,6 +125,9 @@ _SECTIONS: dict[str, type] = {
     "compression": CompressionSettings,
     "archive": ArchiveSettings,
     "backup": BackupSettings,
+    "schedule": ScheduleSettings,
+    "metrics": MetricsSettings,
+    "retention": RetentionSettings,
 }
 
 # Constraints beyond the type: key -> (check, what is expected).
@@ -111,7 +146,48 @@ _CHOICES: dict[tuple[str, str], tuple[Any, str]] = {
     ("backup", "block_size_kib"): (lambda v: 8 <= v <= 65536 and v & (v - 1) == 0,
                                    "a power of two from 8 to 65536"),
     ("backup", "wal_timeout"): (lambda v: 1 <= v <= 86400, "an integer from 1 to 86400 (seconds)"),
+    **{("schedule", job): (lambda v: _schedule().is_valid_cron(v),
+                           ('a cron expression: 5 fields (minute hour day month weekday, e.g. "0 2 * * *"), '
+                            'or 6 with seconds last (e.g. "* * * * * */30")'))
+       for job in ("full", "incremental", "dump", "verify", "expire", "drill")},
+    ("schedule", "timezone"): (lambda v: _schedule().is_valid_timezone(v), 'an IANA time zone such as "UTC" or "Europe/Berlin"'),
+    ("schedule", "catch_up"): (lambda v: _is_duration(v), 'a duration such as "0", "90s", "30m", "1h" or "1d"'),
+    ("schedule", "jitter"): (lambda v: _is_duration(v), 'a duration such as "0", "90s", "30m", "1h" or "1d"'),
+    ("metrics", "listen"): (lambda v: v == "" or _is_listen_address(v), 'HOST:PORT (e.g. "127.0.0.1:9187"), or "" for none'),
+    ("retention", "full"): (lambda v: 1 <= v <= 10000, "an integer from 1 to 10000 (full backups to keep)"),
+    ("retention", "window"): (lambda v: _is_window(v), 'a duration: a number and a unit s, m, h, d or w, e.g. "14d"'),
+    ("retention", "dumps"): (lambda v: 1 <= v <= 10000, "an integer from 1 to 10000 (dumps to keep)"),
 }
+
+
+def _schedule():
+    # imported only when [schedule] is set: croniter is not needed otherwise
+    from pgvault import schedule
+
+    return schedule
+
+
+def _is_duration(value: str) -> bool:
+    try:
+        _schedule().parse_duration(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_window(value: str) -> bool:
+    from pgvault.retention import parse_window  # standard library only at import
+
+    try:
+        parse_window(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_listen_address(value: str) -> bool:
+    _host, sep, port = value.rpartition(":")
+    return bool(sep) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _toml_name(attr: str) -> str:

@@ -190,6 +190,55 @@ class RecoveryError(PgvaultError):
     exit_code = 91
 
 
+class DaemonError(PgvaultError):
+    """`pgvault daemon` cannot start or run: its state directory, its metrics address, a job it cannot start."""
+
+    exit_code = 110
+
+
+class DaemonAlreadyRunningError(DaemonError):
+    """Another `pgvault daemon` for this cluster and vault runs on this host."""
+
+    exit_code = 111
+
+
+class DrillError(PgvaultError):
+    """A restore drill failed: no backup to restore, the restore or recovery failed, or a sanity check failed."""
+
+    exit_code = 112
+
+
+class VerifyFailedError(PgvaultError):
+    """`pgvault verify` found a problem: a missing or damaged object, a broken chain, a gap in the WAL."""
+
+    exit_code = 105
+
+
+class ExpireError(PgvaultError):
+    """`pgvault expire` refused to run its plan: it would remove something a kept backup needs."""
+
+    exit_code = 106
+
+
+class ReseedError(PgvaultError):
+    """`pgvault reseed` refused or could not rebuild the node: a server runs there that is not a healthy
+    standby, the primary is not a primary of this cluster, a non-empty directory without --delta."""
+
+    exit_code = 100
+
+
+class OrphanError(PgvaultError):
+    """The node's diverged WAL could not be read or kept in the vault: reseed changed nothing."""
+
+    exit_code = 101
+
+
+class StreamingTimeoutError(PgvaultError):
+    """The reseeded node did not stream from the primary with its lag under the limit in time (it still runs)."""
+
+    exit_code = 102
+
+
 #: Exit codes documented in the README, by class, in one place.
 EXIT_CODES: dict[type[PgvaultError], int] = {
     cls: cls.exit_code
@@ -218,5 +267,13 @@ EXIT_CODES: dict[type[PgvaultError], int] = {
         DumpError,
         RestoreError,
         RecoveryError,
+        ReseedError,
+        OrphanError,
+        StreamingTimeoutError,
+        DaemonError,
+        DaemonAlreadyRunningError,
+        DrillError,
+        VerifyFailedError,
+        ExpireError,
     )
 }

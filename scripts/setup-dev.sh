@@ -15,6 +15,7 @@ command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ] && [ -x
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v runuser >/dev/null || need_apt+=(util-linux)
+command -v etcd >/dev/null || need_apt+=(etcd-server)  # the Patroni failover test runs its own etcd on free ports
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup-dev: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
