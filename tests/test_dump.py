@@ -402,7 +402,9 @@ def test_interrupted_dump_is_never_listed_and_is_cleaned_up_next_time(env):
     res = env.pgvault("restore-dump", label, "--db", "app", "--into", "x")
     assert_one_line_error(res, 23, f"dump {label} is not in the vault")
 
-    time.sleep(1.1)  # a new label
+    # A new label: labels are wall-clock seconds, so wait for the wall clock (not a monotonic sleep).
+    while dumplib.format_dump_label(datetime.now(timezone.utc)) <= label:
+        time.sleep(0.05)
     res = env.ok("dump", "--db", "app")
     assert f"removed the leftovers of interrupted dump(s): {label}" in res.err
     assert dumplib.find_leftovers(env.storage) == {}
