@@ -109,13 +109,15 @@ def _push_in_memory(path: str, name: str, *, storage: Storage, record: VaultReco
         # A segment is never rewritten once complete, so mapping it is as good as reading it.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     try:
-        prepared = codec.prepare_payload(data, compression=options.compression, level=options.level,
-                                         threads=options.threads)
-        sha = prepared.plaintext_sha256
+        # Already archived (PostgreSQL retrying after a crash, a push-ahead race): compare, don't compress.
         for existing in find_archived(storage, name, segment_size=record.wal_segment_size):
+            sha = hashlib.sha256(data).hexdigest()
             if existing.sha256 == sha:
                 return PushResult(name, existing.key, sha, size, True, time.monotonic() - started)
             raise divergence_error(name, theirs=existing.sha256, ours=sha)
+        prepared = codec.prepare_payload(data, compression=options.compression, level=options.level,
+                                         threads=options.threads)
+        sha = prepared.plaintext_sha256
         key = format_wal_key(name, sha256=sha, completed_ms=completed_ms, size=size)
         stored = b"".join(codec.frame_payload(prepared, name=key, key=options.key))
         del prepared  # the payload may be a view of the mapping, which closes below

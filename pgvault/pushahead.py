@@ -31,6 +31,14 @@ WORKER_LOCK = ".push-ahead.lock"
 WAIT_FOR_WORKER = 60.0
 #: Files one worker round takes; it loops while more arrive.
 BATCH = 64
+#: How long an idle worker keeps watching for new `.ready` files before it exits, and how
+#: often it looks: under a steady load the next segment is then pushed the moment it is
+#: complete, and PostgreSQL's call for it finds its marker (the fast path).
+LINGER = 5.0
+LINGER_POLL = 0.02
+#: How long a worker leaves alone the file its starter is pushing itself (should that push
+#: fail, PostgreSQL's retry then finds the worker pushing it).
+SKIP_GRACE = 2.0
 
 
 def ready_wal_files(wal_dir: str) -> list[str]:
@@ -63,11 +71,14 @@ def _worker_running(spool: Spool) -> bool:
         os.close(fd)  # releases the probe's lock, if it got it
 
 
-def start_worker(wal_dir: str, *, config_path: str | None) -> None:
+def start_worker(wal_dir: str, *, config_path: str | None, skip: str | None = None) -> None:
+    """Start a detached worker; ``skip``: a file the caller is pushing itself right now."""
     cmd = [sys.executable, "-m", "pgvault.entry"]
     if config_path:
         cmd += ["--config", config_path]
     cmd += ["wal-push-ahead", wal_dir]
+    if skip:
+        cmd += ["--skip", skip]
     subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
 
@@ -85,6 +96,7 @@ def push_with_push_ahead(
     wal_dir = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     own = None
+    started = False
     if _worker_running(spool):
         # The worker pushes oldest first, and PostgreSQL asks for the oldest: it is likely on ours.
         deadline = time.monotonic() + WAIT_FOR_WORKER
@@ -96,11 +108,18 @@ def push_with_push_ahead(
             own = None if spool.consume_marker(path) else push_wal_file(
                 path, storage=storage, record=record, options=options)
     else:
+        # Start the worker first, so that its start-up overlaps this push (it skips this file).
+        waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
+        if waiting:
+            start_worker(wal_dir, config_path=config_path, skip=name)
+            started = True
         own = push_wal_file(path, storage=storage, record=record, options=options)
     spool.prune_markers(wal_dir)
     waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
-    if waiting and not _worker_running(spool):
+    if waiting and not started and not _worker_running(spool):
         start_worker(wal_dir, config_path=config_path)
+        started = True
+    if started:
         # Return once the worker holds its lock, so PostgreSQL's next call waits for the
         # worker's marker instead of pushing the same file a second time.
         deadline = time.monotonic() + 2.0
@@ -110,8 +129,11 @@ def push_with_push_ahead(
 
 
 def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: CodecOptions, spool: Spool,
-               parallel: int) -> int:
-    """Push waiting files until none is left; returns how many were pushed. One worker per spool."""
+               parallel: int, skip: str | None = None, linger: float = LINGER, skip_grace: float = SKIP_GRACE) -> int:
+    """Push waiting files until none is left for ``linger`` seconds; returns how many were pushed.
+
+    One worker per spool. ``skip``: a file its starter pushes itself, left alone for ``skip_grace`` s.
+    """
     spool.ensure_archive_dir()
     lock = os.open(os.path.join(spool.archive_dir, WORKER_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
     try:
@@ -124,10 +146,18 @@ def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: 
     pushed = 0
     failed: set[str] = set()
     try:
+        idle_since = time.monotonic()
+        skip_until = idle_since + skip_grace
         while True:
-            batch = [n for n in ready_wal_files(wal_dir) if not spool.has_marker(n) and n not in failed][:BATCH]
+            if skip is not None and time.monotonic() >= skip_until:
+                skip = None
+            batch = [n for n in ready_wal_files(wal_dir)
+                     if not spool.has_marker(n) and n not in failed and n != skip][:BATCH]
             if not batch:
-                break
+                if time.monotonic() - idle_since >= linger or not os.path.isdir(wal_dir):
+                    break
+                time.sleep(LINGER_POLL)
+                continue
 
             def push_one(n: str) -> bool:
                 p = os.path.join(wal_dir, n)
@@ -150,6 +180,7 @@ def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: 
 
             with ThreadPoolExecutor(max_workers=parallel) as pool:
                 pushed += sum(pool.map(push_one, batch))
+            idle_since = time.monotonic()
         spool.prune_markers(wal_dir)
     finally:
         os.close(lock)

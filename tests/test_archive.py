@@ -372,3 +372,43 @@ def test_encrypted_archive_round_trip_and_wrong_key(pg_cluster, pg_tmp):
     assert res.code == 255
     assert "is not a key of this vault" in res.err
     assert not os.path.exists(os.path.join(work, "again"))
+
+
+def test_push_ahead_worker_skips_its_starters_file_once_and_lingers_for_new_ones(pg_cluster, pg_tmp):
+    import threading
+
+    from pgvault.archive import CodecOptions
+    from pgvault.pushahead import run_worker
+    from pgvault.spool import Spool
+    from pgvault.vault import require_vault_record
+
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local")
+    first, second = env.switch(), env.switch()
+    env.wait_archived(second)
+    # A stand-in pg_wal holding copies of two real segments (their originals are archived: the
+    # vault's copies are identical, so the worker's pushes succeed as "already archived").
+    wal_dir = os.path.join(pg_tmp, "fake_pg_wal")
+    os.makedirs(os.path.join(wal_dir, "archive_status"))
+    for name in (first, second):
+        shutil.copyfile(os.path.join(pg_cluster.data_dir, "pg_wal", name), os.path.join(wal_dir, name))
+    open(os.path.join(wal_dir, "archive_status", first + ".ready"), "w").close()
+    spool = Spool(os.path.join(pg_tmp, "spool"), "main")
+    pushed: list[int] = []
+    worker = threading.Thread(target=lambda: pushed.append(run_worker(
+        wal_dir, storage=env.storage, record=require_vault_record(env.storage), options=CodecOptions(),
+        spool=spool, parallel=2, skip=first, linger=1.5, skip_grace=0.8)))
+    started = time.monotonic()
+    worker.start()
+    time.sleep(0.3)
+    open(os.path.join(wal_dir, "archive_status", second + ".ready"), "w").close()  # a new file
+    deadline = time.monotonic() + 5
+    while not spool.has_marker(second) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spool.has_marker(second) and not spool.has_marker(first)  # the starter's file is left alone ...
+    while not spool.has_marker(first) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spool.has_marker(first) and time.monotonic() - started >= 0.8  # ... for the grace time only
+    assert worker.is_alive()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and pushed == [2]
+    assert 1.5 <= time.monotonic() - started < 8  # it left once idle for the linger time
