@@ -514,6 +514,13 @@ class _Hasher:
             self._thread.start()
         self._queue.put(block)  # bytes are immutable: safe to share with the caller
 
+    def update_now(self, data) -> None:
+        """Hash ``data`` in this thread, before returning: for a buffer the caller reuses at once."""
+        if self._thread is not None:
+            self.close()  # what is queued comes first
+            self._thread = None  # a later update() starts a new helper
+        self._sha.update(data)
+
     def hexdigest(self) -> str:
         self.close()
         return self._sha.hexdigest()
@@ -577,6 +584,8 @@ class DecodingReader(_SizedReader):
         self._size = 0
         self._done = False
         self._error: CorruptObjectError | None = None
+        self._unhashed = False  # discard() dropped bytes without hashing them
+        self._scratch: memoryview | None = None
         self.header = header = read_header(source, name=name)
         if header.name != name:
             raise _corrupt(name, f"its header names it {header.name!r}: it was moved or copied from another name")
@@ -659,12 +668,84 @@ class DecodingReader(_SizedReader):
             self._fail(exc)
         return b""
 
+    def read_into(self, buffer) -> int:
+        """Fill ``buffer`` with the next plaintext bytes; fewer only at the end of the object.
+
+        Like ``read``, but zstd decompresses straight into ``buffer`` (no
+        intermediate bytes object) and the bytes are hashed before this returns,
+        so the caller may reuse ``buffer`` at once. Returns the number of bytes
+        filled; 0 once the end has been reached and verified. The end-of-object
+        checks raise exactly as ``read``'s do.
+        """
+        view = memoryview(buffer).cast("B")
+        readinto = getattr(self._stream, "readinto", None)
+        filled = 0
+        while filled < len(view):
+            if self.closed:
+                raise ValueError(f"object {self.name}: read from a closed reader")
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                break
+            try:
+                if readinto is not None:
+                    n = readinto(view[filled:])
+                else:
+                    data = self._stream.read(len(view) - filled)
+                    n = len(data)
+                    view[filled:filled + n] = data
+                if n:
+                    self._hasher.update_now(view[filled:filled + n])
+                    self._size += n
+                    filled += n
+                else:
+                    self._finish()
+            except zstandard.ZstdError as exc:
+                self._fail(_corrupt(self.name, f"decompression failed ({exc})"))
+            except CorruptObjectError as exc:
+                self._fail(exc)
+        return filled
+
+    def discard(self, n: int) -> int:
+        """Decode and drop the next ``n`` plaintext bytes without hashing them; fewer only at the end.
+
+        For a reader that stops before the object's end and checks what it
+        keeps by other means (a delta restore's few blocks, each against its
+        hash in the manifest): hashing what is dropped would cost more than
+        decoding it. The object's checksum can then no longer be checked, so
+        reaching the end afterwards raises ValueError instead of returning b"".
+        """
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(BLOCK_SIZE))
+        readinto = getattr(self._stream, "readinto", None)
+        dropped = 0
+        while dropped < n:
+            if self.closed:
+                raise ValueError(f"object {self.name}: read from a closed reader")
+            if self._error is not None:
+                raise self._error
+            view = self._scratch[:min(n - dropped, len(self._scratch))]
+            try:
+                got = readinto(view) if readinto is not None else len(self._stream.read(len(view)))
+            except zstandard.ZstdError as exc:
+                self._fail(_corrupt(self.name, f"decompression failed ({exc})"))
+            except CorruptObjectError as exc:
+                self._fail(exc)
+            if not got:
+                break
+            self._unhashed = True
+            self._size += got
+            dropped += got
+        return dropped
+
     def _fail(self, error: CorruptObjectError) -> None:
         self._error = error
         self._hasher.close()
         raise error from None
 
     def _finish(self) -> None:
+        if self._unhashed:
+            raise ValueError(f"object {self.name}: bytes were discarded unhashed, so its checksum cannot be checked")
         digest = self._hasher.hexdigest()
         if self._payload.read(1) or not self._payload.exhausted:
             raise _corrupt(self.name, "unexpected data after the compressed stream")

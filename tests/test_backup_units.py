@@ -45,7 +45,8 @@ from pgvault.backup.manifest import (
     read_manifest,
     write_manifest,
 )
-from pgvault.backup.materialize import materialize_backup
+from pgvault.backup.directio import ALIGN, FileReader, FileWriter, aligned_buffer, is_aligned
+from pgvault.backup.materialize import block_runs, materialize_backup
 from pgvault.backup.scan import excluded_names, scan_data_dir
 from pgvault.backup.session import parse_backup_label, parse_tablespace_map, wal_segments
 from pgvault.config import load_settings
@@ -562,6 +563,130 @@ def test_materialize_never_writes_through_a_link_that_is_not_a_tablespace(tmp_pa
     with pytest.raises(BackupError, match="evil/x lies under the link evil; refusing to write through it"):
         materialize_backup(storage, manifest, str(tmp_path / "r"), keyring=None)
     assert os.listdir(tmp_path / "outside") == []
+
+
+# --- restore's writing path: runs of blocks, direct writes, decoding into a buffer --------
+
+
+@pytest.mark.parametrize("blocks, size, wanted, limit, expected", [
+    # a whole 10-block file (last block short), runs of at most 4 blocks
+    (list(range(10)), 9 * 8 + 3, None, 32, [(0, 4, 0, 32, True), (4, 4, 32, 32, True), (8, 2, 64, 11, True)]),
+    # an incremental's blocks: runs break where the file's blocks do not follow
+    ([0, 1, 5, 6, 7, 9], 80, None, 1000, [(0, 2, 0, 16, True), (2, 3, 40, 24, True), (5, 1, 72, 8, True)]),
+    # delta: wantedness splits runs
+    ([0, 1, 2, 3], 32, {1, 2}, 1000, [(0, 1, 0, 8, False), (1, 2, 8, 16, True), (3, 1, 24, 8, False)]),
+    # a limit smaller than a block still yields one block per run
+    ([3, 4], 40, None, 4, [(0, 1, 24, 8, True), (1, 1, 32, 8, True)]),
+    ([], 0, None, 32, []),
+])
+def test_block_runs_are_consecutive_in_object_and_file(blocks, size, wanted, limit, expected):
+    runs = block_runs(blocks, size, 8, wanted, limit)
+    assert [(r.first, r.count, r.offset, r.length, r.wanted) for r in runs] == expected
+    assert sum(r.count for r in runs) == len(blocks)
+
+
+def test_file_writer_puts_aligned_and_unaligned_writes_in_place(tmp_path):
+    path = tmp_path / "f"
+    size = 3 * ALIGN + 100
+    path.write_bytes(b"")
+    os.truncate(path, size)
+    expected = bytearray(size)
+    buf = aligned_buffer(2 * ALIGN)
+    buf[:] = os.urandom(2 * ALIGN)
+    assert is_aligned(buf, ALIGN) and not is_aligned(buf[:100], 0) and not is_aligned(buf, 1)
+    assert not is_aligned(memoryview(bytes(ALIGN)), 0)  # read-only memory is never written directly
+    tail = memoryview(os.urandom(100 + ALIGN))[:ALIGN + 100]
+    with FileWriter(str(path)) as out:
+        out.write_at(buf, ALIGN)  # direct where the file system allows it
+        out.write_at(tail, 2 * ALIGN)  # the short last piece: through the page cache
+        out.write_at(buf[:ALIGN], 0)
+    expected[ALIGN:3 * ALIGN] = buf
+    expected[2 * ALIGN:] = tail
+    expected[:ALIGN] = buf[:ALIGN]
+    assert path.read_bytes() == bytes(expected)
+    os.symlink(path, tmp_path / "link")
+    with pytest.raises(OSError):
+        FileWriter(str(tmp_path / "link"))  # never through a link
+    with pytest.raises(FileNotFoundError):
+        FileWriter(str(tmp_path / "absent"))  # never creates
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_file_reader_reads_exact_bytes_from_the_page_cache_or_the_disk(tmp_path, cached):
+    path = tmp_path / "f"
+    data = os.urandom(5 * ALIGN + 123)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if not cached:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the disk, directly
+        reader = FileReader(fd, len(data))
+        buf = aligned_buffer(4 * ALIGN)
+        assert reader.read_at(buf, 0) == 4 * ALIGN and bytes(buf) == data[:4 * ALIGN]
+        assert reader.read_at(buf, 4 * ALIGN) == ALIGN + 123 and bytes(buf[:ALIGN + 123]) == data[4 * ALIGN:]
+        assert reader.read_at(buf[:ALIGN], 2 * ALIGN + 5) == ALIGN  # unaligned: the ordinary way
+        assert bytes(buf[:ALIGN]) == data[2 * ALIGN + 5:3 * ALIGN + 5]
+        assert reader.read_at(buf, len(data)) == 0
+        reader.close()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_read_into_fills_the_buffer_and_checks_the_whole_object(compression):
+    from pgvault import codec
+
+    data = os.urandom(3 << 20) + bytes(5 << 20) + b"tail"
+    blob, sha = codec.encode_bytes(data, name="obj", compression=compression)
+    reader = codec.decode(io.BytesIO(blob), name="obj", keyring=None, expected_sha256=sha)
+    buf, out = bytearray(1 << 20), bytearray()
+    while n := reader.read_into(buf):
+        assert n == len(buf) or len(out) + n == len(data)  # full buffers until the end
+        out += buf[:n]
+    assert out == data and reader.plaintext_sha256 == sha and reader.read_into(buf) == 0
+
+    damaged = bytearray(blob)
+    damaged[-10] ^= 1  # in the trailer's checksum: only the end can tell
+    reader = codec.decode(io.BytesIO(bytes(damaged)), name="obj", keyring=None)
+    with pytest.raises(CorruptObjectError, match="^object obj is corrupt: checksum mismatch: content has sha256 "):
+        while reader.read_into(buf):
+            pass
+    with pytest.raises(CorruptObjectError):  # sticky: never a clean end after an error
+        reader.read_into(buf)
+    reader = codec.decode(io.BytesIO(blob), name="obj", keyring=None, expected_sha256="0" * 64)
+    with pytest.raises(CorruptObjectError, match="the record expects 0000"):
+        while reader.read_into(buf):
+            pass
+
+
+def test_discard_decodes_without_hashing_and_then_refuses_to_call_the_end_verified():
+    from pgvault import codec
+
+    data = os.urandom(1 << 20) + bytes(3 << 20)
+    blob, sha = codec.encode_bytes(data, name="obj")
+    reader = codec.decode(io.BytesIO(blob), name="obj", keyring=None, expected_sha256=sha)
+    assert reader.discard(1000) == 1000
+    buf = bytearray(100)
+    assert reader.read_into(buf) == 100 and bytes(buf) == data[1000:1100]
+    assert reader.discard(10 << 20) == len(data) - 1100  # up to the end, no further
+    with pytest.raises(ValueError, match="^object obj: bytes were discarded unhashed, so its checksum cannot be "):
+        reader.read_into(buf)
+
+
+def test_materialize_writes_block_sizes_that_direct_io_cannot_take(tmp_path):
+    """A backup whose block size is no multiple of 4 KiB: every write goes the ordinary way, bytes exact."""
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data = str(tmp_path / "data")
+    make_data_dir(data)
+    with open(os.path.join(data, "base/1/16384"), "wb") as f:
+        f.write(os.urandom(300 * KIB + 77))
+    manifest, _ = copy_dir(storage, data, tmp_path, label="20261127T203000ZF", block_size=9 * KIB,
+                           object_size=100 * KIB)
+    dest = str(tmp_path / "restored")
+    materialize_backup(storage, manifest, dest, keyring=None, parallel=2, tmp_dir=str(tmp_path))
+    restored = tree(dest)
+    assert {k: v for k, v in restored.items() if k != "backup_label"} == backed_up(data)
 
 
 def test_list_backups_reads_manifests_only_and_leftovers_are_the_rest(tmp_path):

@@ -8,12 +8,15 @@ Into an absent or empty directory:
    offset, file, blocks) in a small on-disk index (SQLite, in ``tmp_dir``), so
    memory stays bounded however many blocks the database has.
 2. Read each object once, sequentially, in parallel across objects: decode it
-   (checksum verified at its end), and write each block at
-   ``block_index * block_size`` of its file with os.pwrite, checking the
-   block's hash against the manifest first.
+   (checksum verified at its end) a run of consecutive blocks at a time into
+   an aligned buffer, check each block's hash against the manifest, and write
+   the run at ``block_index * block_size`` of its file in one write, with
+   direct I/O (see directio: the page cache was most of a restore's cost),
+   on a writer thread while the next run is decoded.
 3. Write backup_label (and tablespace_map) from the manifest, so PostgreSQL
    starts recovery at the backup's checkpoint; leave pg_wal empty (with
-   archive_status/); sync everything to disk.
+   archive_status/); fsync every file and directory (in parallel) before
+   returning.
 
 With ``delta=True`` into a directory that holds an older copy of the cluster
 (a damaged node), only what differs is fetched:
@@ -27,10 +30,12 @@ With ``delta=True`` into a directory that holds an older copy of the cluster
    ever followed through any other link, so nothing outside is deleted.
 3. Every directory, link and file of the backup is put in place: a wrong type
    is replaced, modes are set, an existing file is cut or extended to its
-   size and every block is re-hashed (the manifest's algorithm) in parallel;
-   a file whose blocks all match is kept untouched.
-4. Only the objects holding mismatching blocks are read, and only those
-   blocks are written, each checked against its hash as in a full restore.
+   size and every block is re-hashed (the manifest's algorithm) in parallel,
+   read from the page cache where it holds them and directly from the disk
+   where not; a file whose blocks all match is kept untouched (and fsynced).
+4. Only the objects holding mismatching blocks are read (up to their last
+   such block; what lies before them is decoded, not hashed), and only those blocks
+   are written, each checked against its hash as in a full restore.
 
 A tablespace location may be non-empty only when the data directory's own
 ``pg_tblspc/<oid>`` link already points to it; any other location must be
@@ -42,6 +47,7 @@ manifest names; a path that would pass through any other link is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,14 +61,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pgvault import codec
-from pgvault.backup import blocks
+from pgvault.backup import blocks, directio
 from pgvault.backup.errors import BackupError
-from pgvault.backup.manifest import FileEntry, Manifest, block_count, check_coverage, iter_files
+from pgvault.backup.manifest import FileEntry, Manifest, check_coverage, iter_files
 from pgvault.errors import CorruptObjectError
 from pgvault.storage import Storage
-
-READ_CHUNK = 1 << 20
-
 
 @dataclass(frozen=True)
 class MaterializeProgress:
@@ -160,7 +163,9 @@ def _prepare_empty(path: str, *, what: str, mode: int = 0o700) -> None:
 
 
 def _create_index(index) -> None:
-    index.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL)")
+    # synced: a delta restore kept the file as it was and already fsynced it
+    index.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL,"
+                  " synced INTEGER NOT NULL DEFAULT 0)")
     # wanted: the blocks of this source to write (JSON list); NULL: all of them
     index.execute("CREATE TABLE sources (object TEXT NOT NULL, sha256 TEXT NOT NULL, offset INTEGER NOT NULL,"
                   " file_id INTEGER NOT NULL, blocks TEXT NOT NULL, hashes TEXT NOT NULL, wanted TEXT)")
@@ -263,7 +268,9 @@ def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encr
         if progress is not None:
             progress(snapshot)
 
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-materialize") as pool:
+    # Writes go to their own threads, so a worker decodes its next run while the last one is written.
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-materialize") as pool, \
+            ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-write") as writers:
         running: set[Future] = set()
         try:
             for key, sha in objects:
@@ -272,7 +279,7 @@ def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encr
                     "ON f.id = s.file_id WHERE s.object = ? AND (s.wanted IS NULL OR s.wanted != '[]') "
                     "ORDER BY s.offset", (key,)).fetchall()
                 running.add(pool.submit(_restore_object, storage, key, sha, rows, dest_dir, manifest.block_size,
-                                        keyring, require_encryption, done, hash_fn, stop_early))
+                                        keyring, require_encryption, done, hash_fn, stop_early, writers))
                 while len(running) >= 2 * parallel:
                     finished, running = wait(running, return_when=FIRST_COMPLETED)
                     for f in finished:
@@ -285,64 +292,148 @@ def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encr
     return len(objects)
 
 
+#: Bytes decoded, checked and written at a time: a run of consecutive blocks of one file (large writes,
+#: few system calls), in a buffer per worker.
+RUN_BYTES = 4 << 20
+
+_run_buffers = threading.local()
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _run_buffer(bs: int, which: int = 0) -> memoryview:
+    """One of this worker's two aligned buffers for runs: RUN_BYTES, or one block if blocks are larger.
+
+    Two, so that one is decoded into while the other is being written.
+    """
+    size = _round_up(max(RUN_BYTES, bs), directio.ALIGN)
+    pair = getattr(_run_buffers, "pair", None)
+    if pair is None or len(pair[0]) != size:
+        pair = _run_buffers.pair = (directio.aligned_buffer(size), directio.aligned_buffer(size))
+    return pair[which]
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """Blocks of one source that are consecutive both in the object and in the file, all wanted or all not."""
+
+    first: int  # index of the first block in the source's list
+    count: int
+    offset: int  # where the run starts in the file
+    length: int  # bytes
+    wanted: bool
+
+
+def block_runs(blocks: list[int], size: int, bs: int, wanted: set[int] | None, limit: int) -> list[BlockRun]:
+    """The blocks of one source (stored back to back) cut into runs of at most ``limit`` bytes (one block at least).
+
+    A run ends where the next block is not the file's next one, where
+    wantedness changes (``wanted`` None: every block is wanted), or at ``limit``.
+    """
+    runs: list[BlockRun] = []
+    run: BlockRun | None = None
+    for i, block in enumerate(blocks):
+        length = min(bs, size - block * bs)
+        want = wanted is None or block in wanted
+        if (run is not None and block == blocks[i - 1] + 1 and want == run.wanted
+                and run.length + length <= limit):
+            run = BlockRun(run.first, run.count + 1, run.offset, run.length + length, want)
+            continue
+        if run is not None:
+            runs.append(run)
+        run = BlockRun(i, 1, block * bs, length, want)
+    if run is not None:
+        runs.append(run)
+    return runs
+
+
 def _restore_object(storage, key, sha, rows, dest_dir, bs, keyring, require_encryption, done, hash_fn,
-                    stop_early=False) -> None:
-    """In a worker: stream one object and write each wanted block it holds; verify everything on the way."""
+                    stop_early=False, writers=None) -> None:
+    """In a worker: stream one object and write each wanted block it holds; verify everything on the way.
+
+    Wanted blocks are decoded straight into one of this worker's two aligned
+    buffers a run at a time, each block checked against its hash in the
+    manifest before the run is written with one write (direct, when aligned:
+    see directio) by ``writers`` while the next run is decoded into the other
+    buffer. The object's own length and SHA-256 are checked at its end (unless
+    ``stop_early``).
+    """
     written = 0
-    with storage.open(key) as raw:
-        decoder = codec.decode(raw, name=key, keyring=keyring, expected_sha256=sha,
-                               require_encryption=require_encryption)
+    bufs = (_run_buffer(bs, 0), _run_buffer(bs, 1))
+    with storage.open(key) as raw, contextlib.closing(
+            codec.decode(raw, name=key, keyring=keyring, expected_sha256=sha,
+                         require_encryption=require_encryption)) as decoder:
         position = 0
         for offset, path, size, blocks_json, hashes_json, wanted_json in rows:
             if offset < position:
                 raise BackupError(f"object {key}: sources overlap at offset {offset} (files.jsonl is inconsistent)")
-            _skip(decoder, offset - position, key=key)
+            _skip(decoder, offset - position, key=key, buf=bufs[0], unhashed=stop_early)
             position = offset
+            blocks, hashes = json.loads(blocks_json), json.loads(hashes_json)
+            if len(blocks) != len(hashes):
+                raise BackupError(f"object {key}: {path} lists {len(blocks)} blocks and {len(hashes)} hashes")
             wanted = None if wanted_json is None else set(json.loads(wanted_json))
-            fd = os.open(os.path.join(dest_dir, path), os.O_WRONLY | os.O_NOFOLLOW)
-            try:
-                for block, expected in zip(json.loads(blocks_json), json.loads(hashes_json), strict=True):
-                    length = min(bs, size - block * bs)
-                    if wanted is not None and block not in wanted:
-                        _skip(decoder, length, key=key)
-                        position += length
-                        continue
-                    data = _read_exact(decoder, length, key=key)
-                    if hash_fn(data) != expected:
-                        raise CorruptObjectError(
-                            f"object {key} is corrupt: block {block} of {path} does not match its hash in the manifest")
-                    os.pwrite(fd, data, block * bs)
-                    position += length
-                    written += length
-            finally:
-                os.close(fd)
+            with directio.FileWriter(os.path.join(dest_dir, path)) as out:
+                inflight: list[Future | None] = [None, None]  # the write of each buffer
+                turn = 0
+                try:
+                    for run in block_runs(blocks, size, bs, wanted, len(bufs[0])):
+                        if not run.wanted:
+                            _finish_writes(inflight)  # a hashed skip decodes into bufs[0]
+                            _skip(decoder, run.length, key=key, buf=bufs[0], unhashed=stop_early)
+                            position += run.length
+                            continue
+                        _finish_writes(inflight, turn)  # this buffer's last write is done before it is reused
+                        view = bufs[turn][:run.length]
+                        if decoder.read_into(view) != run.length:
+                            raise CorruptObjectError(
+                                f"object {key} is corrupt: it ends before the blocks the manifest places in it")
+                        for i in range(run.count):
+                            if hash_fn(view[i * bs:(i + 1) * bs]) != hashes[run.first + i]:
+                                raise CorruptObjectError(f"object {key} is corrupt: block {blocks[run.first + i]} "
+                                                         f"of {path} does not match its hash in the manifest")
+                        if writers is None:
+                            out.write_at(view, run.offset)
+                        else:
+                            inflight[turn] = writers.submit(out.write_at, view, run.offset)
+                            turn ^= 1
+                        position += run.length
+                        written += run.length
+                    _finish_writes(inflight)
+                finally:
+                    _wait_quietly(inflight)  # never close the file or reuse a buffer under a write
         if not stop_early:
             # Read to the end: the object's own length and checksum are checked there.
-            while decoder.read(READ_CHUNK):
+            while decoder.read_into(bufs[0]):
                 pass
     done(written)
 
 
-def _read_exact(decoder, n: int, *, key: str) -> bytes:
-    data = decoder.read(n)
-    if len(data) == n:
-        return data
-    parts, got = [data], len(data)
-    while got < n:
-        more = decoder.read(n - got)
-        if not more:
-            raise CorruptObjectError(f"object {key} is corrupt: it ends before the blocks the manifest places in it")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+def _finish_writes(inflight: list, which: int | None = None) -> None:
+    """Wait for the write of buffer ``which`` (None: of both); its error, if any, is raised here."""
+    for i in (range(len(inflight)) if which is None else (which,)):
+        f, inflight[i] = inflight[i], None
+        if f is not None:
+            f.result()
 
 
-def _skip(decoder, n: int, *, key: str) -> None:
+def _wait_quietly(inflight: list) -> None:
+    """Wait for any write still running (after an error: the first error is the one reported)."""
+    for f in inflight:
+        if f is not None:
+            wait([f])
+
+
+def _skip(decoder, n: int, *, key: str, buf: memoryview, unhashed: bool) -> None:
+    """Pass over ``n`` plaintext bytes: hashed into the object's checksum, unless ``unhashed``
+    (a reader that stops early never checks that checksum; see codec's discard)."""
     while n > 0:
-        chunk = decoder.read(min(n, READ_CHUNK))
-        if not chunk:
+        got = decoder.discard(n) if unhashed else decoder.read_into(buf[:min(n, len(buf))])
+        if not got:
             raise CorruptObjectError(f"object {key} is corrupt: it ends before the blocks the manifest places in it")
-        n -= len(chunk)
+        n -= got
 
 
 def _write_recovery_files(manifest: Manifest, dest_dir: str, relocate: dict[int, str]) -> None:
@@ -357,16 +448,41 @@ def _write_recovery_files(manifest: Manifest, dest_dir: str, relocate: dict[int,
     os.makedirs(os.path.join(dest_dir, "pg_wal", "archive_status"), mode=0o700, exist_ok=True)
 
 
+#: Threads that fsync at the end: each fsync mostly waits (journal commit, device flush), and
+#: concurrent ones share commits.
+SYNC_THREADS = 8
+
+
 def _sync(dest_dir: str, index) -> None:
     """Every file and directory written, on disk: a restore is not done while it could still be lost."""
-    for (path,) in index.execute("SELECT path FROM files"):
-        _fsync(os.path.join(dest_dir, path))
+    unsynced = _iter(index.execute("SELECT path FROM files WHERE synced = 0"))
+    paths = (os.path.join(dest_dir, path) for (path,) in unsynced)
+    _run_bounded(_fsync, paths, threads=SYNC_THREADS)
     for name in ("backup_label", "tablespace_map"):
         if os.path.exists(os.path.join(dest_dir, name)):
             _fsync(os.path.join(dest_dir, name))
-    for root, _dirs, _files in os.walk(dest_dir, followlinks=True):  # into the tablespaces too
-        _fsync(root)
+    # Directories after their files: their entries (names) are what makes the files findable.
+    _run_bounded(_fsync, (root for root, _dirs, _files in os.walk(dest_dir, followlinks=True)),  # tablespaces too
+                 threads=SYNC_THREADS)
     _fsync(os.path.dirname(dest_dir))
+
+
+def _run_bounded(fn, items, *, threads: int) -> None:
+    """fn(item) for every item, ``threads`` at a time, with a bounded number waiting; the first error is raised."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgvault-sync") as pool:
+        running: set[Future] = set()
+        try:
+            for item in items:
+                running.add(pool.submit(fn, item))
+                if len(running) >= 4 * threads:
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()
+            for f in running:
+                f.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _fsync(path: str) -> None:
@@ -531,6 +647,7 @@ def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, tota
         if not needed:
             kept += 1
             index.execute("UPDATE sources SET wanted = '[]' WHERE file_id = ?", (file_id,))
+            index.execute("UPDATE files SET synced = 1 WHERE id = ?", (file_id,))  # _compare_file fsynced it
             return
         fetched += 1
         wanted_bytes += sum(min(bs, size - b * bs) for b in needed)
@@ -560,7 +677,8 @@ def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, tota
                     st = None
                 if kind == "dir":
                     if st is not None and stat.S_ISDIR(st.st_mode):
-                        os.chmod(where, mode)
+                        if stat.S_IMODE(st.st_mode) != mode:
+                            os.chmod(where, mode)  # only then: a chmod dirties the inode, which fsync then commits
                     elif st is not None and stat.S_ISLNK(st.st_mode) and path == "pg_wal" and os.path.isdir(where):
                         pass  # pg_wal on another disk stays there
                     else:
@@ -615,42 +733,49 @@ def _iter(cursor):
         yield from batch
 
 
-_buffers = threading.local()
-
-
 def _compare_file(path: str, file_id: int, size: int, mode: int, expected: list[str], bs: int,
                   hash_fn, report) -> tuple[int, int, list[int], int]:
     """In a worker: cut or extend ``path`` to ``size``, then hash each block.
 
+    Reads whole blocks a buffer at a time, from the page cache when it holds
+    them and directly from the disk when not (see directio.FileReader).
+    A file whose blocks all match is fsynced before this returns.
     Returns (file_id, size, the blocks that do not match, bytes read).
     """
-    buf = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) != bs:
-        buf = _buffers.buf = memoryview(bytearray(bs))
+    buf = _run_buffer(bs)
+    per_read = len(buf) // bs * bs  # whole blocks (the buffer holds one at least)
     needed: list[int] = []
     read = unreported = 0
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # checked as a regular file; never follow a link put since
+    reader = None
     try:
-        if os.fstat(fd).st_size != size:
+        st = os.fstat(fd)
+        if st.st_size != size:
             os.ftruncate(fd, size)
-        os.fchmod(fd, mode)
-        for block in range(block_count(size, bs)):
-            length = min(bs, size - block * bs)
-            view = buf[:length]
-            got = 0
-            while got < length:
-                n = os.preadv(fd, [view[got:]], block * bs + got)
-                if n == 0:
-                    break
-                got += n
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)  # only then: an intact file's inode stays clean, so its fsync costs nothing
+        reader = directio.FileReader(fd, size)
+        for start in range(0, size, per_read):
+            length = min(per_read, size - start)
+            got = reader.read_at(buf[:_round_up(length, directio.ALIGN)], start)
             read += got
             unreported += got
-            if got != length or hash_fn(view) != expected[block]:
-                needed.append(block)
+            first = start // bs
+            for i in range(-(-length // bs)):
+                begin = i * bs
+                end = min(begin + bs, length)
+                if got < end or hash_fn(buf[begin:end]) != expected[first + i]:
+                    needed.append(first + i)
             if unreported >= 16 << 20:
                 report(unreported)
                 unreported = 0
+        if not needed:
+            # Kept as it is: made durable here, while the file is open and the other worker hashes
+            # (it may hold pages written before us that the disk does not have yet).
+            os.fsync(fd)
     finally:
+        if reader is not None:
+            reader.close()
         os.close(fd)
     report(unreported)
     return file_id, size, needed, read
