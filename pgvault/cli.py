@@ -281,9 +281,10 @@ def wal_fetch(state: AppState, name: str, dest: str) -> None:
 
 @cli.command("wal-push-ahead", hidden=True)
 @click.argument("wal_dir")
-@click.option("--skip", help="A file the starting call pushes itself (left out of the first round).")
+@click.option("--skip", help="A file the starting call pushes itself (left alone for a moment).")
+@click.option("--lock-fd", type=int, help="An inherited descriptor holding the worker lock.")
 @pass_state
-def wal_push_ahead(state: AppState, wal_dir: str, skip: str | None) -> None:
+def wal_push_ahead(state: AppState, wal_dir: str, skip: str | None, lock_fd: int | None) -> None:
     """(internal) push the WAL files waiting in WAL_DIR/archive_status; started by wal-push in async mode."""
     from pgvault.pushahead import run_worker
     from pgvault.spool import Spool
@@ -295,7 +296,7 @@ def wal_push_ahead(state: AppState, wal_dir: str, skip: str | None) -> None:
     options = wal_options(settings, options)
     run_worker(wal_dir, storage=storage, record=record, options=options,
                spool=Spool(settings.archive.spool_dir, settings.vault.cluster), parallel=settings.archive.parallel,
-               skip=skip)
+               skip=skip, lock_fd=lock_fd)
 
 
 @cli.command("wal-prefetch", hidden=True)

@@ -27,7 +27,7 @@ from pgvault.storage import Storage
 from pgvault.vault import VaultRecord
 
 WORKER_LOCK = ".push-ahead.lock"
-#: How long a call waits for the worker to finish pushing its file before pushing it itself.
+#: How long a call waits for the worker to push its file before pushing it itself.
 WAIT_FOR_WORKER = 60.0
 #: Files one worker round takes; it loops while more arrive.
 BATCH = 64
@@ -71,16 +71,39 @@ def _worker_running(spool: Spool) -> bool:
         os.close(fd)  # releases the probe's lock, if it got it
 
 
-def start_worker(wal_dir: str, *, config_path: str | None, skip: str | None = None) -> None:
-    """Start a detached worker; ``skip``: a file the caller is pushing itself right now."""
-    cmd = [sys.executable, "-m", "pgvault.entry"]
-    if config_path:
-        cmd += ["--config", config_path]
-    cmd += ["wal-push-ahead", wal_dir]
-    if skip:
-        cmd += ["--skip", skip]
-    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, close_fds=True)
+def _take_worker_lock(spool: Spool) -> int | None:
+    """A descriptor holding the worker lock, or None if a worker holds it."""
+    fd = os.open(os.path.join(spool.archive_dir, WORKER_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def start_worker(wal_dir: str, *, spool: Spool, config_path: str | None, skip: str | None = None) -> bool:
+    """Start a detached worker unless one runs; ``skip``: a file the caller is pushing itself right now.
+
+    The lock is taken here and handed to the worker as an open descriptor (a flock belongs to
+    the open file, which the child shares): from this moment every call sees a worker running,
+    without waiting for the worker's own start-up, and two calls can never start two workers.
+    """
+    lock = _take_worker_lock(spool)
+    if lock is None:
+        return False
+    try:
+        cmd = [sys.executable, "-m", "pgvault.entry"]
+        if config_path:
+            cmd += ["--config", config_path]
+        cmd += ["wal-push-ahead", wal_dir, "--lock-fd", str(lock)]
+        if skip:
+            cmd += ["--skip", skip]
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True, pass_fds=(lock,))
+    finally:
+        os.close(lock)  # the worker's copy keeps the lock
+    return True
 
 
 def push_with_push_ahead(
@@ -96,7 +119,6 @@ def push_with_push_ahead(
     wal_dir = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     own = None
-    started = False
     if _worker_running(spool):
         # The worker pushes oldest first, and PostgreSQL asks for the oldest: it is likely on ours.
         deadline = time.monotonic() + WAIT_FOR_WORKER
@@ -109,37 +131,28 @@ def push_with_push_ahead(
                 path, storage=storage, record=record, options=options)
     else:
         # Start the worker first, so that its start-up overlaps this push (it skips this file).
-        waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
-        if waiting:
-            start_worker(wal_dir, config_path=config_path, skip=name)
-            started = True
+        if any(n != name and not spool.has_marker(n) for n in ready_wal_files(wal_dir)):
+            start_worker(wal_dir, spool=spool, config_path=config_path, skip=name)
         own = push_wal_file(path, storage=storage, record=record, options=options)
     spool.prune_markers(wal_dir)
     waiting = [n for n in ready_wal_files(wal_dir) if n != name and not spool.has_marker(n)]
-    if waiting and not started and not _worker_running(spool):
-        start_worker(wal_dir, config_path=config_path)
-        started = True
-    if started:
-        # Return once the worker holds its lock, so PostgreSQL's next call waits for the
-        # worker's marker instead of pushing the same file a second time.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and not _worker_running(spool):
-            time.sleep(0.005)
+    if waiting:
+        start_worker(wal_dir, spool=spool, config_path=config_path)  # a no-op if one runs
     return PushAheadResult(own=own, still_waiting=len(waiting))
 
 
 def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: CodecOptions, spool: Spool,
-               parallel: int, skip: str | None = None, linger: float = LINGER, skip_grace: float = SKIP_GRACE) -> int:
+               parallel: int, skip: str | None = None, linger: float = LINGER, skip_grace: float = SKIP_GRACE,
+               lock_fd: int | None = None) -> int:
     """Push waiting files until none is left for ``linger`` seconds; returns how many were pushed.
 
-    One worker per spool. ``skip``: a file its starter pushes itself, left alone for ``skip_grace`` s.
+    One worker per spool: ``lock_fd`` is the lock its starter took for it, else it takes the lock
+    (and returns 0 at once if another worker holds it). ``skip``: a file its starter pushes itself,
+    left alone for ``skip_grace`` s.
     """
     spool.ensure_archive_dir()
-    lock = os.open(os.path.join(spool.archive_dir, WORKER_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
+    lock = lock_fd if lock_fd is not None else _take_worker_lock(spool)
+    if lock is None:
         return 0
     # Several files at once: one zstd thread each keeps the cores busy without oversubscribing.
     each = replace(options, threads=0) if parallel > 1 else options

@@ -412,3 +412,21 @@ def test_push_ahead_worker_skips_its_starters_file_once_and_lingers_for_new_ones
     worker.join(timeout=10)
     assert not worker.is_alive() and pushed == [2]
     assert 1.5 <= time.monotonic() - started < 8  # it left once idle for the linger time
+
+
+def test_the_worker_lock_is_held_from_the_moment_a_worker_is_started(pg_cluster, pg_tmp):
+    from pgvault.pushahead import _worker_running, start_worker
+    from pgvault.spool import Spool
+
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local")
+    spool = Spool(os.path.join(pg_tmp, "root-spool"), "main")
+    spool.ensure_archive_dir()
+    wal_dir = os.path.join(pg_tmp, "empty_pg_wal")
+    os.makedirs(os.path.join(wal_dir, "archive_status"))
+    assert start_worker(wal_dir, spool=spool, config_path=env.config) is True
+    assert _worker_running(spool)  # at once: the starter took the lock and handed it over
+    assert start_worker(wal_dir, spool=spool, config_path=env.config) is False  # never two workers
+    deadline = time.monotonic() + 30
+    while _worker_running(spool) and time.monotonic() < deadline:  # it lingers, finds nothing, leaves
+        time.sleep(0.1)
+    assert not _worker_running(spool)
