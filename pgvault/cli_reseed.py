@@ -8,32 +8,7 @@ import sys
 import click
 
 from pgvault.cli import AppState, _archive_context, cli, emit_json, pass_state
-
-
-def _reporters(bar, prefix: str):
-    def notify(message: str) -> None:
-        if bar is not None:
-            bar.message(f"{prefix}: {message}")
-        else:
-            click.echo(f"{prefix}: {message}", err=True)
-
-    def warn(message: str) -> None:
-        if bar is not None:
-            bar.message(f"WARNING: {message}")
-        else:
-            click.echo(f"WARNING: {message}", err=True)
-
-    def progress(p) -> None:
-        if bar is None:
-            return
-        if p.phase == "compare":
-            bar.update(bytes_done=p.bytes_done, bytes_total=p.bytes_total, files_done=0, files_total=0,
-                       note="comparing the files already there")
-        else:
-            bar.update(bytes_done=p.bytes_done, bytes_total=p.bytes_total, files_done=p.objects_done,
-                       files_total=p.objects_total, note="(data objects)")
-
-    return notify, warn, progress
+from pgvault.cli_restore import restore_reporters
 
 
 @cli.command("reseed")
@@ -80,7 +55,7 @@ def reseed_cmd(state: AppState, data_dir: str, primary_conninfo: str, slot: str 
     for warning in _env_warnings():
         click.echo(f"WARNING: {warning}", err=True)
     bar = ProgressBar() if sys.stderr.isatty() else None
-    notify, warn, progress = _reporters(bar, "pgvault reseed")
+    notify, warn, progress = restore_reporters(bar, "pgvault reseed")
     try:
         result = reseed(
             data_dir=data_dir, primary_conninfo=primary_conninfo, storage=storage, record=record, keyring=keyring,

@@ -27,6 +27,33 @@ def _plan(state: AppState, to: str, timeline: str, backup_label: str | None):
     return storage, record, keyring, loaded, plan_restore(loaded.snapshot, target, timeline=tli, backup=backup_label)
 
 
+def restore_reporters(bar, prefix: str):
+    """notify, warn and progress callbacks of a restore: on the progress bar if there is one, else stderr lines."""
+    def notify(message: str) -> None:
+        if bar is not None:
+            bar.message(f"{prefix}: {message}")
+        else:
+            click.echo(f"{prefix}: {message}", err=True)
+
+    def warn(message: str) -> None:
+        if bar is not None:
+            bar.message(f"WARNING: {message}")
+        else:
+            click.echo(f"WARNING: {message}", err=True)
+
+    def progress(p) -> None:
+        if bar is None:
+            return
+        if p.phase == "compare":
+            bar.update(bytes_done=p.bytes_done, bytes_total=p.bytes_total, files_done=0, files_total=0,
+                       note="comparing the files already there")
+        else:
+            bar.update(bytes_done=p.bytes_done, bytes_total=p.bytes_total, files_done=p.objects_done,
+                       files_total=p.objects_total, note="(data objects)")
+
+    return notify, warn, progress
+
+
 @cli.command("plan")
 @click.option("--to", "to", required=True, metavar="TARGET", help=TARGET_HELP)
 @click.option("--timeline", default="latest", show_default=True, metavar="N|latest", help=TIMELINE_HELP)
@@ -151,26 +178,7 @@ def restore_cmd(state: AppState, to: str, data_dir: str, timeline: str, backup_l
 
     bar = ProgressBar() if sys.stderr.isatty() else None
 
-    def notify(message: str) -> None:
-        if bar is not None:
-            bar.message(f"pgvault restore: {message}")
-        else:
-            click.echo(f"pgvault restore: {message}", err=True)
-
-    def progress(p) -> None:
-        assert bar is not None
-        if p.phase == "compare":
-            bar.update(bytes_done=p.bytes_done, bytes_total=p.bytes_total, files_done=0, files_total=0,
-                       note="comparing the files already there")
-        else:
-            bar.update(bytes_done=p.bytes_done, bytes_total=p.bytes_total, files_done=p.objects_done,
-                       files_total=p.objects_total, note="(data objects)")
-
-    def warn(message: str) -> None:
-        if bar is not None:
-            bar.message(f"WARNING: {message}")
-        else:
-            click.echo(f"WARNING: {message}", err=True)
+    notify, warn, progress = restore_reporters(bar, "pgvault restore")
 
     notify(f"restoring backup {plan.backup.label} to {plan.target} on timeline {plan.timeline} into "
            f"{os.path.abspath(data_dir)}" + (" (delta)" if delta else ""))

@@ -55,6 +55,8 @@ from pgvault.status import (
     StateStore,
     StatusReport,
     collect_status,
+    iso_time,
+    parse_time,
     state_dir,
 )
 
@@ -340,7 +342,7 @@ class Daemon:
             signal.signal(signal.SIGHUP, self._on_reload)
             threading.Thread(target=self._refresher, daemon=True, name="status-refresh").start()
             now = self.clock()
-            last = {job: _when(rec.last_started) for job, rec in self.jobs.items()}
+            last = {job: parse_time(rec.last_started) for job, rec in self.jobs.items()}
             caught = self.scheduler.start(now, last)
             self._started = True
             self.log("daemon_started", f"pgvault daemon started (pid {os.getpid()}) for cluster {s.vault.cluster}, "
@@ -365,7 +367,7 @@ class Daemon:
             now = self.clock()
             for decision in self.scheduler.due(now, self.queue.busy()):
                 if decision.action == "skip":
-                    self._skip(decision.job, now, f"due at {_hms(decision.scheduled_for)} but {decision.reason}")
+                    self._skip(decision.job, now, f"due at {iso_time(decision.scheduled_for)} but {decision.reason}")
                 else:
                     self.queue.add(decision)
             if self.current is not None and self.current.finished.is_set():
@@ -412,7 +414,7 @@ class Daemon:
         self._record(job, lambda rec: rec.started(run.started_at))
         late = (now - decision.scheduled_for).total_seconds()
         self.log("job_started", f"{job}: started (pid {run.proc.pid}) on the {role}, scheduled for "
-                 f"{_hms(decision.scheduled_for)}" + (", catching up a missed run" if decision.catch_up else "")
+                 f"{iso_time(decision.scheduled_for)}" + (", catching up a missed run" if decision.catch_up else "")
                  + (f", {late:.0f} s late" if late >= 1 else ""),
                  job=job, pid=run.proc.pid, scheduled_for=decision.scheduled_for.isoformat(),
                  catch_up=decision.catch_up, command=JOB_COMMANDS[job])
@@ -539,14 +541,3 @@ def _keep_place(new, old):
     return replace(new, vault=old.vault, archive=replace(new.archive, spool_dir=old.archive.spool_dir))
 
 
-def _when(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None
-
-
-def _hms(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds")

@@ -17,14 +17,14 @@ from datetime import datetime
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from pgvault.status import StatusReport, _parse
+from pgvault.status import StatusReport, parse_time
 
 PREFIX = "pgvault_"
 
 
 def _ts(moment: datetime | str | None) -> float | None:
     if isinstance(moment, str):
-        moment = _parse(moment)
+        moment = parse_time(moment)
     return None if moment is None else moment.timestamp()
 
 

@@ -170,7 +170,8 @@ def _time(moment: datetime | None) -> str | None:
 # --- the data directory ---------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -204,7 +205,7 @@ def running_server(data_dir: str) -> str | None:
         pid = int(lines[0])
     except (IndexError, ValueError):
         pid = 0
-    if pid > 0 and _pid_alive(pid) and _looks_like_postgres(pid):
+    if pid > 0 and pid_alive(pid) and _looks_like_postgres(pid):
         return f"{pidfile} names process {pid}, which is running"
     if len(lines) >= 5 and lines[3].strip().isdigit() and lines[4].strip():
         path = os.path.join(lines[4].strip(), f".s.PGSQL.{lines[3].strip()}")
@@ -724,7 +725,7 @@ def start_and_wait(plan: Plan, data_dir: str, *, pg_ctl: str, user: pwd.struct_p
     replay_time = replay_lsn = None
     try:
         while True:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 raise _server_failed(plan, log_file, offset, what="PostgreSQL stopped during recovery")
             if time.monotonic() - started > timeout:
                 raise RecoveryError(

@@ -33,11 +33,13 @@ def state_dir(spool_dir: str, cluster: str) -> str:
     return os.path.join(spool_dir, cluster, "daemon")
 
 
-def _iso(moment: datetime | None) -> str | None:
+def iso_time(moment: datetime | None) -> str | None:
+    """How state files and --json write a moment: UTC, to the second."""
     return None if moment is None else moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def _parse(text: str | None) -> datetime | None:
+def parse_time(text: str | None) -> datetime | None:
+    """A moment as iso_time wrote it; None for nothing or anything unreadable."""
     if not text:
         return None
     try:
@@ -74,20 +76,20 @@ class JobRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def started(self, at: datetime) -> JobRecord:
-        return replace(self, last_started=_iso(at))
+        return replace(self, last_started=iso_time(at))
 
     def finished(self, at: datetime, *, exit_code: int, seconds: float, bytes_stored: int | None,
                  error: str | None) -> JobRecord:
         ok = exit_code == 0
         return replace(
-            self, last_finished=_iso(at), last_exit_code=exit_code, last_duration_seconds=round(seconds, 3),
+            self, last_finished=iso_time(at), last_exit_code=exit_code, last_duration_seconds=round(seconds, 3),
             runs=self.runs + 1, failures=self.failures + (0 if ok else 1),
-            last_success=_iso(at) if ok else self.last_success, last_failure=self.last_failure if ok else _iso(at),
+            last_success=iso_time(at) if ok else self.last_success, last_failure=self.last_failure if ok else iso_time(at),
             last_bytes=bytes_stored if ok and bytes_stored is not None else self.last_bytes,
             last_error=None if ok else error)
 
     def skipped(self, at: datetime, reason: str) -> JobRecord:
-        return replace(self, last_skipped=_iso(at), last_skip_reason=reason, skips=self.skips + 1)
+        return replace(self, last_skipped=iso_time(at), last_skip_reason=reason, skips=self.skips + 1)
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ class StatusReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "collected_at": _iso(self.collected_at),
+            "collected_at": iso_time(self.collected_at),
             "cluster": self.cluster,
             "vault": self.vault,
             "daemon": {"running": self.daemon_pid is not None, "pid": self.daemon_pid,
@@ -235,14 +237,14 @@ class StatusReport:
             "jobs": {job: asdict(rec) for job, rec in sorted(self.jobs.items())},
             "drill": self.drill.to_dict() if self.drill else None,
             "backups": {"count": self.backups, "last": self.last_backup,
-                        "last_full_at": _iso(self.last_full_backup_at), "last_at": _iso(self.last_backup_at)},
-            "last_dump_at": _iso(self.last_dump_at),
-            "wal": {"newest_segment_at": _iso(self.newest_segment_at),
+                        "last_full_at": iso_time(self.last_full_backup_at), "last_at": iso_time(self.last_backup_at)},
+            "last_dump_at": iso_time(self.last_dump_at),
+            "wal": {"newest_segment_at": iso_time(self.newest_segment_at),
                     "newest_segment_age_seconds": _round(self.newest_segment_age_seconds),
                     "archive_lag_segments": self.archive_lag_segments, "archive_failing": self.archive_failing,
-                    "archive_last_failure_at": _iso(self.archive_last_failure_at)},
-            "restorable_window": {"timeline": self.window_timeline, "earliest": _iso(self.window_earliest),
-                                  "latest": _iso(self.window_latest), "seconds": _round(self.window_seconds)},
+                    "archive_last_failure_at": iso_time(self.archive_last_failure_at)},
+            "restorable_window": {"timeline": self.window_timeline, "earliest": iso_time(self.window_earliest),
+                                  "latest": iso_time(self.window_latest), "seconds": _round(self.window_seconds)},
             "errors": list(self.errors),
         }
 
@@ -304,7 +306,7 @@ def _next_runs(section, now: datetime) -> dict[str, str]:
     from pgvault.schedule import next_time, schedule_config
 
     config = schedule_config(section)
-    return {js.job: _iso(next_time(js.cron, now, config.timezone)) for js in config.jobs}
+    return {js.job: iso_time(next_time(js.cron, now, config.timezone)) for js in config.jobs}
 
 
 def _vault_facts(settings) -> dict[str, Any]:
@@ -323,7 +325,7 @@ def _vault_facts(settings) -> dict[str, Any]:
     manifests = sorted(loaded.manifests.values(), key=lambda m: m.stop_time)
     if manifests:
         m = manifests[-1]
-        out["last_backup"] = {"label": m.label, "type": m.type, "stop_time": _iso(m.stop_time),
+        out["last_backup"] = {"label": m.label, "type": m.type, "stop_time": iso_time(m.stop_time),
                               "bytes_stored": m.bytes_stored, "duration_seconds": m.duration_seconds,
                               "backup_from": m.backup_from}
         out["last_backup_at"] = m.stop_time
@@ -338,7 +340,7 @@ def _vault_facts(settings) -> dict[str, Any]:
         out["window_earliest"], out["window_latest"] = window.earliest.time, window.latest.time
     dumps = list_dumps(storage, keyring, require_encryption=record.encryption_key_id is not None)
     if dumps:
-        out["last_dump_at"] = _parse(dumps[-1].stopped_at)
+        out["last_dump_at"] = parse_time(dumps[-1].stopped_at)
     return out
 
 
@@ -364,7 +366,7 @@ def _ago(moment: datetime | None, now: datetime) -> str:
     if moment is None:
         return "never"
     seconds = (now - moment).total_seconds()
-    return f"{_iso(moment)} ({_human(seconds)} ago)"
+    return f"{iso_time(moment)} ({_human(seconds)} ago)"
 
 
 def _human(seconds: float) -> str:
@@ -391,11 +393,11 @@ def format_status(report: StatusReport) -> str:
     lag = "unknown" if report.archive_lag_segments is None else f"{report.archive_lag_segments} segment(s) waiting"
     failing = ""
     if report.archive_failing:
-        failing = f"; FAILING since {_iso(report.archive_last_failure_at)}"
+        failing = f"; FAILING since {iso_time(report.archive_last_failure_at)}"
     lines.append(f"  WAL         newest archived segment {_ago(report.newest_segment_at, now)}; "
                  f"archive lag {lag}{failing}")
     if report.window_earliest is not None:
-        lines.append(f"  window      {_iso(report.window_earliest)} .. {_iso(report.window_latest)} "
+        lines.append(f"  window      {iso_time(report.window_earliest)} .. {iso_time(report.window_latest)} "
                      f"(timeline {report.window_timeline}, {_human(report.window_seconds or 0)})")
     else:
         lines.append("  window      nothing is restorable")
@@ -403,16 +405,16 @@ def format_status(report: StatusReport) -> str:
     if d is None:
         lines.append("  drill       never")
     elif d.ok:
-        lines.append(f"  drill       passed {_ago(_parse(d.finished_at), now)}: backup {d.backup}, "
+        lines.append(f"  drill       passed {_ago(parse_time(d.finished_at), now)}: backup {d.backup}, "
                      f"RTO {d.rto_seconds:.1f} s, RPO " + ("unknown" if d.rpo_seconds is None else f"{d.rpo_seconds:.1f} s"))
     else:
-        lines.append(f"  drill       FAILED {_ago(_parse(d.finished_at), now)}: {d.error}")
+        lines.append(f"  drill       FAILED {_ago(parse_time(d.finished_at), now)}: {d.error}")
     if report.jobs or report.next_runs:
         lines.append("  jobs")
     for job in sorted(set(report.jobs) | set(report.next_runs)):
         rec = report.jobs.get(job) or JobRecord(job)
-        state = (f"last success {_ago(_parse(rec.last_success), now)}"
-                 + (f", last failure {_ago(_parse(rec.last_failure), now)}: {rec.last_error}"
+        state = (f"last success {_ago(parse_time(rec.last_success), now)}"
+                 + (f", last failure {_ago(parse_time(rec.last_failure), now)}: {rec.last_error}"
                     if rec.last_failure and (rec.last_success or "") < rec.last_failure else "")
                  + (f", {rec.last_duration_seconds:.1f} s" if rec.last_duration_seconds is not None else ""))
         upcoming = f"; next {report.next_runs[job]}" if job in report.next_runs else ""

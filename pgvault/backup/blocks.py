@@ -109,7 +109,7 @@ def hash_blocks(path: str, first: int, count: int, block_size: int, algorithm: s
     buf = _buffer(block_size)  # reused per thread: no fresh memory for every block
     try:
         for block in range(first, first + count):
-            n = _read_full(fd, buf, block * block_size)
+            n = pread_full(fd, buf, block * block_size)
             if n == 0:
                 break
             result.hashes.append(block_hash(buf[:n], algorithm))
@@ -121,7 +121,8 @@ def hash_blocks(path: str, first: int, count: int, block_size: int, algorithm: s
     return result
 
 
-def _read_full(fd: int, view: memoryview, offset: int) -> int:
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` (short reads retried); fewer bytes only at the end of the file."""
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)

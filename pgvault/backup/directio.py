@@ -36,6 +36,8 @@ import os
 import threading
 from typing import Self
 
+from pgvault.backup.blocks import pread_full
+
 ALIGN = 4096
 
 _state = {"direct": hasattr(os, "O_DIRECT")}  # off for the process once a file system refused it
@@ -148,7 +150,7 @@ class FileReader:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct = False
-        return _pread_all(self._fd, view[:want], offset)
+        return pread_full(self._fd, view[:want], offset)
 
     def _cached(self, offset: int, length: int) -> bool:
         if self._resident is None:
@@ -205,15 +207,6 @@ def resident_pages(fd: int, size: int) -> bytes | None:
     except (OSError, AttributeError):
         return None
 
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> int:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
 
 
 def _pread_direct(fd: int, view: memoryview, offset: int, want: int) -> int:

@@ -67,6 +67,7 @@ from pgvault.backup.manifest import FileEntry, Manifest, check_coverage, iter_fi
 from pgvault.errors import CorruptObjectError
 from pgvault.storage import Storage
 
+
 @dataclass(frozen=True)
 class MaterializeProgress:
     bytes_done: int
@@ -271,24 +272,18 @@ def _fill(storage, manifest, dest_dir, index, *, keyring, parallel, require_encr
     # Writes go to their own threads, so a worker decodes its next run while the last one is written.
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-materialize") as pool, \
             ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-write") as writers:
-        running: set[Future] = set()
-        try:
-            for key, sha in objects:
-                rows = index.execute(
-                    "SELECT s.offset, f.path, f.size, s.blocks, s.hashes, s.wanted FROM sources s JOIN files f "
-                    "ON f.id = s.file_id WHERE s.object = ? AND (s.wanted IS NULL OR s.wanted != '[]') "
-                    "ORDER BY s.offset", (key,)).fetchall()
-                running.add(pool.submit(_restore_object, storage, key, sha, rows, dest_dir, manifest.block_size,
-                                        keyring, require_encryption, done, hash_fn, stop_early, writers))
-                while len(running) >= 2 * parallel:
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        f.result()
-            for f in running:
-                f.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        # The index is read here, in this thread (its connection's), one object ahead of the workers.
+        jobs = ((key, sha, index.execute(
+            "SELECT s.offset, f.path, f.size, s.blocks, s.hashes, s.wanted FROM sources s JOIN files f "
+            "ON f.id = s.file_id WHERE s.object = ? AND (s.wanted IS NULL OR s.wanted != '[]') "
+            "ORDER BY s.offset", (key,)).fetchall()) for key, sha in objects)
+
+        def restore_one(job) -> None:
+            key, sha, rows = job
+            _restore_object(storage, key, sha, rows, dest_dir, manifest.block_size, keyring, require_encryption,
+                            done, hash_fn, stop_early, writers)
+
+        _submit_bounded(pool, restore_one, jobs, limit=2 * parallel)
     return len(objects)
 
 
@@ -470,19 +465,24 @@ def _sync(dest_dir: str, index) -> None:
 def _run_bounded(fn, items, *, threads: int) -> None:
     """fn(item) for every item, ``threads`` at a time, with a bounded number waiting; the first error is raised."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgvault-sync") as pool:
-        running: set[Future] = set()
-        try:
-            for item in items:
-                running.add(pool.submit(fn, item))
-                if len(running) >= 4 * threads:
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        f.result()
-            for f in running:
-                f.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        _submit_bounded(pool, fn, items, limit=4 * threads)
+
+
+def _submit_bounded(pool: ThreadPoolExecutor, fn, items, *, limit: int) -> None:
+    """fn(item) on ``pool`` for every item, at most ``limit`` submitted and unfinished; the first error is raised."""
+    running: set[Future] = set()
+    try:
+        for item in items:
+            running.add(pool.submit(fn, item))
+            while len(running) >= limit:
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()
+        for f in running:
+            f.result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
 
 
 def _fsync(path: str) -> None:
