@@ -802,3 +802,13 @@ def test_backup_errors_have_their_own_exit_codes():
     ours = {BackupError: 80, BackupInProgressError: 81, WalArchiveTimeoutError: 82, BackupNotFoundError: 83}
     assert {cls: cls.exit_code for cls in ours} == ours
     assert not set(ours.values()) & {code for cls, code in EXIT_CODES.items() if cls not in ours}
+
+
+@pytest.mark.parametrize("label, described", [
+    ("20261127T203002ZF", "backup 20261127T203002ZF (pid 7 on db1, started then)"),
+    ("20261127T203002ZI", "backup 20261127T203002ZI (pid 7 on db1, started then)"),
+    ("20261127T203002ZD", "dump 20261127T203002ZD (pid 7 on db1, started then)"),
+    ("expire-20261127T203002Z", "expire (pid 7 on db1, started then)"),
+])
+def test_a_lock_holder_says_which_job_holds_the_lock(label, described):
+    assert LockHolder(label=label, host="db1", pid=7, started_at="then").describe() == described

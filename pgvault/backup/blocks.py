@@ -12,8 +12,9 @@ block besides the object's own SHA-256: measured on one core, reading from the
 page cache runs at ~15 GB/s and XXH3 at ~28 GB/s, SHA-256 at 1.5 GB/s. A block
 hash only has to tell a changed block from its earlier version and catch a
 damaged block on restore; it guards against no adversary (whoever can write the
-vault's objects can rewrite files.jsonl too), and every object's plaintext
-SHA-256 (and AEAD tag, when encrypted) is checked on every read regardless.
+vault's objects can rewrite files.jsonl too), and every object read to its end
+has its plaintext SHA-256 (and AEAD tags, when encrypted) checked as well (a
+--delta restore that stops early in an object relies on the block hashes and tags).
 With 128 bits an accidental collision is out of reach. The first 128 bits of
 SHA-256 are still computed for manifests that name that algorithm.
 

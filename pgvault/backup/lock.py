@@ -39,8 +39,10 @@ class LockHolder:
     pid_start: str = ""  # the process's start time in clock ticks since boot (/proc/<pid>/stat field 22)
 
     def describe(self) -> str:
-        # Logical dumps hold the same lock (their labels end in D): one heavy job per vault at a time.
-        job = "dump" if self.label.endswith("D") else "backup"
+        # Dumps (labels ending in D) and expire ("expire-…") hold the same lock: one heavy job per vault at a time.
+        job = "expire" if self.label.startswith("expire-") else "dump" if self.label.endswith("D") else "backup"
+        if job == "expire":
+            return f"expire (pid {self.pid} on {self.host}, started {self.started_at})"
         return f"{job} {self.label} (pid {self.pid} on {self.host}, started {self.started_at})"
 
 
