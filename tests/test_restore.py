@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 
@@ -536,3 +537,35 @@ def test_a_target_postgresql_never_meets_exits_91(local_env, restored):
     assert "HINT: the archived WAL ends before the target" in res.err
     with open(log) as f:
         assert "recovery ended before configured recovery target was reached" in f.read()
+
+
+@pytest_integration
+def test_a_read_only_file_restores_as_its_owner_with_its_mode(local_env, restored):
+    """A 0400 file (a server.key kept in the data directory) restored and delta-restored by postgres, not root."""
+    env, cluster = local_env, local_env.cluster
+    key_path = os.path.join(cluster.data_dir, "server.key")
+    with open(key_path, "wb") as f:
+        f.write(b"-----BEGIN PRIVATE KEY-----\n" + os.urandom(900))
+    owner = os.stat(cluster.data_dir)
+    os.chown(key_path, owner.st_uid, owner.st_gid)
+    os.chmod(key_path, 0o400)
+    with open(key_path, "rb") as f:
+        key = f.read()
+    backup(env)
+    archive_now(env)
+    r = restored()
+    res = env.pgvault("restore", "--to", "latest", "--data-dir", r.data_dir, "--no-archive")
+    assert res.code == 0, res.err
+    restored_key = os.path.join(r.data_dir, "server.key")
+    assert stat.S_IMODE(os.stat(restored_key).st_mode) == 0o400
+    with open(restored_key, "rb") as f:
+        assert f.read() == key
+    os.chmod(restored_key, 0o600)
+    with open(restored_key, "r+b") as f:  # damaged, and read-only again: delta must still fix it
+        f.write(b"X")
+    os.chmod(restored_key, 0o400)
+    res = env.pgvault("restore", "--to", "latest", "--data-dir", r.data_dir, "--no-archive", "--delta")
+    assert res.code == 0, res.err
+    assert stat.S_IMODE(os.stat(restored_key).st_mode) == 0o400
+    with open(restored_key, "rb") as f:
+        assert f.read() == key

@@ -165,15 +165,17 @@ def _prepare_empty(path: str, *, what: str, mode: int = 0o700) -> None:
 
 def _create_index(index) -> None:
     # synced: a delta restore kept the file as it was and already fsynced it
+    # mode: the file's mode in the backup; it is written owner-readable and -writable, and gets
+    # exactly this mode once written (a 0400 server.key could not be written as its owner otherwise)
     index.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL,"
-                  " synced INTEGER NOT NULL DEFAULT 0)")
+                  " mode INTEGER NOT NULL, synced INTEGER NOT NULL DEFAULT 0)")
     # wanted: the blocks of this source to write (JSON list); NULL: all of them
     index.execute("CREATE TABLE sources (object TEXT NOT NULL, sha256 TEXT NOT NULL, offset INTEGER NOT NULL,"
                   " file_id INTEGER NOT NULL, blocks TEXT NOT NULL, hashes TEXT NOT NULL, wanted TEXT)")
 
 
 def _add_file(index, entry: FileEntry) -> int:
-    cur = index.execute("INSERT INTO files (path, size) VALUES (?, ?)", (entry.path, entry.size))
+    cur = index.execute("INSERT INTO files (path, size, mode) VALUES (?, ?, ?)", (entry.path, entry.size, entry.mode))
     file_id = cur.lastrowid
     for s in entry.sources:
         index.execute("INSERT INTO sources (object, sha256, offset, file_id, blocks, hashes) VALUES (?, ?, ?, ?, ?, ?)",
@@ -231,10 +233,10 @@ def _lay_out(storage, manifest, dest_dir, index, *, keyring, require_encryption,
                 other_links.append(entry.path)
         else:
             check_coverage(entry, bs, where=where)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, entry.mode)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, entry.mode | OWNER_RW)
             try:
                 os.ftruncate(fd, entry.size)
-                os.fchmod(fd, entry.mode)
+                os.fchmod(fd, entry.mode | OWNER_RW)
             finally:
                 os.close(fd)
             _add_file(index, entry)
@@ -448,8 +450,15 @@ def _write_recovery_files(manifest: Manifest, dest_dir: str, relocate: dict[int,
 SYNC_THREADS = 8
 
 
+#: Files are written with at least these permission bits, and get their own mode once written.
+OWNER_RW = stat.S_IRUSR | stat.S_IWUSR
+
+
 def _sync(dest_dir: str, index) -> None:
     """Every file and directory written, on disk: a restore is not done while it could still be lost."""
+    for path, mode in _iter(index.execute(f"SELECT path, mode FROM files WHERE mode & {OWNER_RW} != {OWNER_RW}")):
+        os.chmod(os.path.join(dest_dir, path), mode)
+        _fsync(os.path.join(dest_dir, path))  # the mode too (a file a delta kept was fsynced before)
     unsynced = _iter(index.execute("SELECT path FROM files WHERE synced = 0"))
     paths = (os.path.join(dest_dir, path) for (path,) in unsynced)
     _run_bounded(_fsync, paths, threads=SYNC_THREADS)
@@ -707,10 +716,10 @@ def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, tota
                 else:
                     if st is not None:
                         _remove(where, st)
-                    fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                    fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode | OWNER_RW)
                     try:
                         os.ftruncate(fd, size)
-                        os.fchmod(fd, mode)
+                        os.fchmod(fd, mode | OWNER_RW)
                     finally:
                         os.close(fd)
                     fetched += 1
@@ -746,14 +755,19 @@ def _compare_file(path: str, file_id: int, size: int, mode: int, expected: list[
     per_read = len(buf) // bs * bs  # whole blocks (the buffer holds one at least)
     needed: list[int] = []
     read = unreported = 0
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # checked as a regular file; never follow a link put since
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # checked as a regular file; never follow a link put since
+    except PermissionError:  # e.g. a 0400 file, and we are its owner, not root: make it writable first
+        os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | OWNER_RW)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     reader = None
     try:
         st = os.fstat(fd)
         if st.st_size != size:
             os.ftruncate(fd, size)
-        if stat.S_IMODE(st.st_mode) != mode:
-            os.fchmod(fd, mode)  # only then: an intact file's inode stays clean, so its fsync costs nothing
+        if stat.S_IMODE(st.st_mode) != mode | OWNER_RW and stat.S_IMODE(st.st_mode) != mode:
+            # only then: an intact file's inode stays clean, so its fsync costs nothing
+            os.fchmod(fd, mode | OWNER_RW)
         reader = directio.FileReader(fd, size)
         for start in range(0, size, per_read):
             length = min(per_read, size - start)
