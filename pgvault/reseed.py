@@ -239,6 +239,7 @@ def reseed(
     """
     from pgvault.planner import plan_restore
     from pgvault.restore import (
+        ARCHIVE_WARNING_PREFIX,
         effective_conf,
         find_pg_ctl,
         pgvault_restore_command,
@@ -336,7 +337,7 @@ def reseed(
                            parallel=parallel, start=False, require_encryption=require_encryption, bin_dir=bin_dir,
                            owner=user.pw_name if as_root else None, progress=progress, notify=notify)
         warnings = [w for w in restored.warnings
-                    if not w.startswith("the restored configuration archives through pgvault")  # a standby's job
+                    if not w.startswith(ARCHIVE_WARNING_PREFIX)  # archiving is a standby's job too
                     and not (saved and "holds no postgresql.conf" in w)]
         notes = list(restored.notes)
         if saved:

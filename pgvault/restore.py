@@ -365,6 +365,10 @@ def _command_config(command: str) -> str | None:
     return None
 
 
+#: How archive_warnings' warning begins: reseed drops it (a standby's archiving is not a promotion's).
+ARCHIVE_WARNING_PREFIX = "the restored configuration archives through pgvault"
+
+
 def archive_warnings(conf: dict[str, ConfSetting], *, config_path: str | None) -> list[str]:
     """What in the restored configuration would archive into a pgvault vault once the node promotes."""
     mode = conf.get("archive_mode")
@@ -380,7 +384,7 @@ def archive_warnings(conf: dict[str, ConfSetting], *, config_path: str | None) -
         same = True
     into = "into this vault" if same else f"into the vault of {named or 'its default config'}"
     return [
-        f"the restored configuration archives through pgvault {into}: archive_mode = {mode.value} "
+        f"{ARCHIVE_WARNING_PREFIX} {into}: archive_mode = {mode.value} "
         f"({mode.where}) and archive_command = {conf_quote(command.value)} ({command.where}); once promoted, "
         "this node pushes the WAL of a new timeline there, next to the original's. Pass --no-archive "
         "(archive_mode = off in the pgvault block), or change archive_command before it promotes"
