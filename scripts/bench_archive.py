@@ -57,11 +57,9 @@ import argparse
 import json
 import os
 import platform
-import pwd
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,53 +68,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import psycopg
+from benchlib import PG_USER, PW, REPO, BenchError, build_regular_install, chown_pg, dir_bytes, free_port, log, mkdir_pg
+from psycopg import sql as pgsql
+
 sys.path.insert(0, REPO)  # pgvault.spool for the markers, from this checkout
 
-import psycopg  # noqa: E402
-from psycopg import sql as pgsql  # noqa: E402
-
-PG_USER = "postgres"
 STANZA = "bench"
 GOAL_FAST_MS = 25.0
 GOAL_SYNC_RATIO = 1.0
 GOAL_DRAIN_SEGS = 40.0
 GOAL_MAX_GAP = 3
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-# -- running things as postgres ------------------------------------------------------
-
-
-PW = pwd.getpwnam(PG_USER)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def chown_pg(path: str) -> None:
-    for root, dirs, files in os.walk(path):
-        os.chown(root, PW.pw_uid, PW.pw_gid)
-        for name in dirs + files:
-            os.lchown(os.path.join(root, name), PW.pw_uid, PW.pw_gid)
-    os.chown(path, PW.pw_uid, PW.pw_gid)
-
-
-def mkdir_pg(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    os.chmod(path, 0o750)
-    os.chown(path, PW.pw_uid, PW.pw_gid)
-    return path
 
 
 def pctl(values: list[float], q: float) -> float:
@@ -398,30 +360,9 @@ class Bench:
     # ---- setup ---------------------------------------------------------------------
 
     def build_regular_install(self) -> None:
-        """A venv with pgvault copied in and byte-compiled (as a non-editable pip install leaves it)."""
-        venv = self.path("regular-venv")
-        subprocess.run(["/usr/bin/python3", "-m", "venv", venv], check=True, capture_output=True)
-        site = subprocess.run([f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        shutil.copytree(os.path.join(REPO, "pgvault"), os.path.join(site, "pgvault"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        dev_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                  check=True, capture_output=True, text=True).stdout.strip()
-        # Dependencies from the dev venv, as a plain path: its .pth files (the editable hook) are not run.
-        with open(os.path.join(site, "pgvault-bench-deps.pth"), "w") as f:
-            f.write(dev_site + "\n")
-        script = os.path.join(venv, "bin", "pgvault")
-        with open(script, "w") as f:  # what pip writes for [project.scripts]
-            f.write(f"#!{venv}/bin/python\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
-                    "from pgvault.entry import main\nif __name__ == '__main__':\n"
-                    "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
-                    "    sys.exit(main())\n")
-        os.chmod(script, 0o755)
-        subprocess.run([f"{venv}/bin/python", "-m", "compileall", "-q", os.path.join(site, "pgvault")],
-                       check=True, capture_output=True)
-        subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
+        script = build_regular_install(self.path("regular-venv"))
         self.runner.run([script, "--version"])
-        self.regular_bin = os.path.join(venv, "bin")
+        self.regular_bin = os.path.dirname(script)
 
     def setup(self) -> None:
         a = self.args
@@ -912,17 +853,6 @@ def cpu_busy_seconds() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
     return busy / os.sysconf("SC_CLK_TCK")
-
-
-def dir_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
 
 
 # -- report --------------------------------------------------------------------------

@@ -57,10 +57,8 @@ import argparse
 import json
 import os
 import platform
-import pwd
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,9 +67,9 @@ import time
 from dataclasses import dataclass, field
 
 import psycopg
+from benchlib import PG_USER, PW, BenchError, build_regular_install, chown_pg, dir_bytes, free_port, log, mkdir_pg
 from psycopg import sql as pgsql
 
-PG_USER = "postgres"
 STANZA = "bench"
 GOAL_FULL_VS_PGBACKREST = 0.80
 GOAL_SIZE_VS_PGBACKREST = 1.05
@@ -79,48 +77,6 @@ GOAL_INCR_TIME = 0.25
 GOAL_INCR_SIZE = 0.10
 GOAL_RSS_MB = 256
 CONTESTANTS = ("pgvault", "pgbackrest", "basebackup")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PW = pwd.getpwnam(PG_USER)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mkdir_pg(path: str, mode: int = 0o750) -> str:
-    os.makedirs(path, exist_ok=True)
-    os.chmod(path, mode)
-    os.chown(path, PW.pw_uid, PW.pw_gid)
-    return path
-
-
-def chown_pg(path: str) -> None:
-    for root, dirs, files in os.walk(path):
-        os.chown(root, PW.pw_uid, PW.pw_gid)
-        for name in dirs + files:
-            os.lchown(os.path.join(root, name), PW.pw_uid, PW.pw_gid)
-
-
-def dir_bytes(path: str) -> int:
-    """Apparent size of every file under ``path``."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def machine_busy(seconds: float) -> float:
@@ -345,35 +301,9 @@ class Bench:
 
     # ---- setup ---------------------------------------------------------------------
 
-    def build_regular_install(self) -> str:
-        """A venv with pgvault copied in and byte-compiled (as a non-editable pip install leaves it)."""
-        venv = self.path("pgvault-venv")
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", venv], check=True, capture_output=True)
-        site = subprocess.run([f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        shutil.copytree(os.path.join(REPO, "pgvault"), os.path.join(site, "pgvault"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        dev_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                  check=True, capture_output=True, text=True).stdout.strip()
-        # Dependencies from the dev venv, as a plain path: its .pth files (the editable hook) are not run.
-        with open(os.path.join(site, "pgvault-bench-deps.pth"), "w") as f:
-            f.write(dev_site + "\n")
-        script = os.path.join(venv, "bin", "pgvault")
-        with open(script, "w") as f:  # what pip writes for [project.scripts]
-            f.write(f"#!{venv}/bin/python\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
-                    "from pgvault.entry import main\nif __name__ == '__main__':\n"
-                    "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
-                    "    sys.exit(main())\n")
-        os.chmod(script, 0o755)
-        subprocess.run([f"{venv}/bin/python", "-m", "compileall", "-q", os.path.join(site, "pgvault")],
-                       check=True, capture_output=True)
-        subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
-        return script
-
     def setup(self) -> None:
         if self.args.pgvault == "regular":
-            self.pgvault = self.build_regular_install()
+            self.pgvault = build_regular_install(self.path("pgvault-venv"))
             self.runner.env["PATH"] = f"{os.path.dirname(self.pgvault)}:{self.runner.env['PATH']}"
         self.runner.run([self.pgvault, "--version"])
         log(f"pgvault: {self.pgvault}")

@@ -65,7 +65,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_backup
-from bench_backup import PW, STANZA, BenchError, Sample, dir_bytes, log, mkdir_pg
+from bench_backup import STANZA, Sample
+from benchlib import PW, BenchError, dir_bytes, log, mkdir_pg
 
 GOAL_RESTORE_VS_PGBACKREST = 0.90
 GOAL_DELTA_VS_FULL = 0.20
