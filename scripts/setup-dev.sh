@@ -29,10 +29,23 @@ id postgres >/dev/null 2>&1 || { echo "setup-dev: no postgres OS user after inst
 if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv "$VENV"
 fi
+# pip's own upgrade may fail offline; the installs below may not: their failure stops the setup.
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+pip_install() {
+  local out
+  if ! out="$("$VENV/bin/python" -m pip install -q "$@" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    echo "setup-dev: pip install $* failed" >&2
+    exit 1
+  fi
+  printf '%s\n' "$out" | grep -v -e "is ignored" -e '^$' >&2 || true
+}
 # A regular (non-editable) install: the code is copied into the venv, where postgres can read it.
-"$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$REPO" 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/python" -m pip install -q "$REPO[test]" 2>&1 | grep -v "is ignored" || true
+pip_install --force-reinstall --no-deps "$REPO"
+pip_install "$REPO[test]"
 chmod -R a+rX "$VENV"
 "$VENV/bin/pgvault" --version
+# The failover tests skip without these; in a set-up machine that would hide a broken install.
+command -v etcd >/dev/null || { echo "setup-dev: etcd is missing after apt-get install etcd-server" >&2; exit 1; }
+"$VENV/bin/patroni" --version >/dev/null || { echo "setup-dev: patroni is missing from $VENV" >&2; exit 1; }
 echo "setup-dev: venv ready at $VENV"
