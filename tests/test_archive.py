@@ -232,16 +232,9 @@ def test_path_with_spaces_and_history_files_on_promotion(pg_factory, pg_tmp):
     env = make_archive_env(primary, pg_tmp, backend="local")
     assert " " in env.config
     env.wait_archived(env.switch())
-    standby = pg_factory.create(start=False)
-    shutil.rmtree(standby.data_dir)
-    primary.run([primary.bin("pg_basebackup"), "-D", standby.data_dir, "-h", "127.0.0.1",
-                 "-p", str(primary.port), "-U", "postgres", "-R", "-X", "stream"])
-    from tests.fixtures.pgcluster import BASE_CONF
     from tests.archive_env import archive_command
 
-    standby.append_conf(BASE_CONF.format(port=standby.port, sockdir=standby.base))
-    standby.set(archive_command=archive_command(env.config))
-    standby.start()
+    standby = pg_factory.create_standby(primary, archive_command=archive_command(env.config))
     primary.sql("CREATE TABLE moved(x int); INSERT INTO moved VALUES (1)")
     standby.run([standby.bin("pg_ctl"), "-D", standby.data_dir, "-w", "promote"])
     deadline = time.monotonic() + 60

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -25,7 +24,6 @@ from pgvault.backup.manifest import list_backups
 from tests.archive_env import archive_command, make_archive_env
 from tests.clihelp import write_config
 from tests.fixtures.pgcluster import (
-    BASE_CONF,
     PG_USER,
     chown_tree,
     free_port,
@@ -115,13 +113,7 @@ def test_scheduled_backups_run_only_on_the_primary_and_a_drill_shows_on_metrics(
     primary = pg_factory.create()
     env = make_archive_env(primary, pg_tmp, backend="local")
     primary.sql("CREATE TABLE s AS SELECT g AS id FROM generate_series(1, 5000) g")
-    standby = pg_factory.create(start=False)
-    shutil.rmtree(standby.data_dir)
-    primary.run([primary.bin("pg_basebackup"), "-D", standby.data_dir, "-h", "127.0.0.1",
-                 "-p", str(primary.port), "-U", "postgres", "-R", "-X", "stream"])
-    standby.append_conf(BASE_CONF.format(port=standby.port, sockdir=standby.base))
-    standby.set(archive_command=archive_command(env.config))
-    standby.start()
+    standby = pg_factory.create_standby(primary, archive_command=archive_command(env.config))
 
     p_port, s_port = free_port(), free_port()
     drill_at = (datetime.now(UTC) + timedelta(seconds=7)).replace(microsecond=0)

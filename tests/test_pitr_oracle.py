@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -30,7 +29,6 @@ import pytest
 from pgvault.targets import format_time
 from tests.archive_env import archive_command, make_archive_env
 from tests.clihelp import run_pgvault
-from tests.fixtures.pgcluster import BASE_CONF
 from tests.test_restore import Restored
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -224,13 +222,7 @@ def test_every_restore_holds_exactly_the_rows_committed_up_to_its_target(pg_tmp,
     check("latest", restored, set(range(1, last_id + 1)))
 
     # --- a failover: a standby takes over on timeline 2 and archives through the same vault
-    standby = pg_factory.create(start=False)
-    shutil.rmtree(standby.data_dir)
-    primary.run([primary.bin("pg_basebackup"), "-D", standby.data_dir, "-h", "127.0.0.1", "-p", str(primary.port),
-                 "-U", "postgres", "-R", "-X", "stream"])
-    standby.append_conf(BASE_CONF.format(port=standby.port, sockdir=standby.base))
-    standby.set(archive_command=archive_command(env.config))
-    standby.start()
+    standby = pg_factory.create_standby(primary, archive_command=archive_command(env.config))
     work = Workload(primary, first_id=last_id + 1)
     work.start()
     time.sleep(2.5)

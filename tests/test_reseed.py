@@ -30,7 +30,6 @@ from pgvault.wal import parse_history
 from tests.archive_env import archive_command, make_archive_env
 from tests.clihelp import run_pgvault
 from tests.fixtures.pgcluster import (
-    BASE_CONF,
     PgFactory,
     as_pg_user,
     make_pg_owned_dir,
@@ -62,13 +61,7 @@ def wait_for(predicate, what: str, timeout: float = 60) -> None:
 
 
 def make_standby(factory: PgFactory, primary, config: str):
-    standby = factory.create(start=False)
-    shutil.rmtree(standby.data_dir)
-    primary.run([primary.bin("pg_basebackup"), "-D", standby.data_dir, "-h", "127.0.0.1", "-p", str(primary.port),
-                 "-U", "postgres", "-R", "-X", "stream"])
-    standby.append_conf(BASE_CONF.format(port=standby.port, sockdir=standby.base) + QUIET)
-    standby.set(archive_command=archive_command(config))
-    standby.start()
+    standby = factory.create_standby(primary, archive_command=archive_command(config), conf=QUIET)
     wait_for(lambda: standby.sql("SELECT status FROM pg_stat_wal_receiver") == [("streaming",)], "B to stream")
     return standby
 
