@@ -49,6 +49,24 @@ def connect(conninfo: str, *, autocommit: bool = True, connect_timeout: int = 10
         raise PostgresError(f"invalid [postgres] conninfo: {exc}") from None
 
 
+def connect_as(conninfo: str, user, *, as_root: bool) -> Any:
+    """psycopg.connect as ``user`` (a pwd entry): as root, with that effective uid and gid while connecting,
+    since peer authentication over a socket sees the effective user at connect time.
+    psycopg's OperationalError passes through: callers tell a server still starting from a refusal."""
+    import psycopg
+
+    egid = os.getegid()
+    if as_root:
+        os.setegid(user.pw_gid)
+        os.seteuid(user.pw_uid)
+    try:
+        return psycopg.connect(conninfo, autocommit=True)
+    finally:
+        if as_root:
+            os.seteuid(0)
+            os.setegid(egid)
+
+
 def describe_conninfo(conninfo: str) -> str:
     """conninfo without the password, for messages."""
     from psycopg.conninfo import conninfo_to_dict

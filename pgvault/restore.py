@@ -559,7 +559,8 @@ def _socket_dir(data_dir: str, label: str, user: pwd.struct_passwd, *, as_root: 
     return path
 
 
-def _read_pidfile(data_dir: str) -> list[str]:
+def read_pidfile(data_dir: str) -> list[str]:
+    """The lines of the data directory's postmaster.pid ([] without one)."""
     try:
         with open(os.path.join(data_dir, "postmaster.pid")) as f:
             return f.read().splitlines()
@@ -602,7 +603,6 @@ class _Connector:
 
     def __init__(self, socket_dir: str, port: int, user: pwd.struct_passwd, *, as_root: bool) -> None:
         self.socket_dir, self.port, self.user, self.as_root = socket_dir, port, user, as_root
-        self.egid = os.getegid()
         self.last_error: str | None = None
 
     def connect(self):
@@ -613,15 +613,7 @@ class _Connector:
                                                       user=self.user.pw_name, connect_timeout="5",
                                                       application_name="pgvault restore")
             try:
-                if self.as_root:  # peer authentication sees the effective user at connect time
-                    os.setegid(self.user.pw_gid)
-                    os.seteuid(self.user.pw_uid)
-                try:
-                    return psycopg.connect(conninfo, autocommit=True)
-                finally:
-                    if self.as_root:
-                        os.seteuid(0)
-                        os.setegid(self.egid)
+                return pg.connect_as(conninfo, self.user, as_root=self.as_root)
             except psycopg.OperationalError as exc:
                 self.last_error = " ".join(str(exc).split())
                 if "does not exist" in self.last_error and dbname == "postgres":
@@ -716,7 +708,7 @@ def start_and_wait(plan: Plan, data_dir: str, *, pg_ctl: str, user: pwd.struct_p
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=parent, timeout=timeout + 60)
     if done.returncode != 0:
         raise _server_failed(plan, log_file, offset, what="PostgreSQL failed to start or stopped during recovery")
-    pidfile = _read_pidfile(data_dir)
+    pidfile = read_pidfile(data_dir)
     try:
         pid, port = int(pidfile[0]), int(pidfile[3])
     except (IndexError, ValueError):

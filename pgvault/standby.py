@@ -23,7 +23,7 @@ from typing import Any
 
 from pgvault import pg
 from pgvault.errors import ReseedError, StreamingTimeoutError
-from pgvault.restore import pid_alive
+from pgvault.restore import pid_alive, read_pidfile
 from pgvault.targets import conf_quote
 from pgvault.vault import VaultRecord
 from pgvault.wal import (
@@ -168,20 +168,12 @@ def configure_standby(data_dir: str, settings: dict[str, str], *, comment: str, 
 # --- talking to the node --------------------------------------------------------------------
 
 
-def _read_pidfile(data_dir: str) -> list[str]:
-    try:
-        with open(os.path.join(data_dir, "postmaster.pid")) as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
-
-
 def node_connect(data_dir: str, user: pwd.struct_passwd, *, as_root: bool):
     """A connection to the server running on ``data_dir`` (socket or address from postmaster.pid), as ``user``."""
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    lines = _read_pidfile(data_dir)
+    lines = read_pidfile(data_dir)
     if len(lines) < 4:
         return None
     port = lines[3].strip()
@@ -191,17 +183,8 @@ def node_connect(data_dir: str, user: pwd.struct_passwd, *, as_root: bool):
         host = "127.0.0.1" if listen in ("", "*") else listen.split(",")[0].strip()
     conninfo = make_conninfo(host=host, port=port, dbname="postgres", user=user.pw_name, connect_timeout="5",
                              application_name="pgvault reseed")
-    egid = os.getegid()
     try:
-        if as_root:  # peer authentication sees the effective user at connect time
-            os.setegid(user.pw_gid)
-            os.seteuid(user.pw_uid)
-        try:
-            return psycopg.connect(conninfo, autocommit=True)
-        finally:
-            if as_root:
-                os.seteuid(0)
-                os.setegid(egid)
+        return pg.connect_as(conninfo, user, as_root=as_root)
     except psycopg.OperationalError:
         return None
 
@@ -294,7 +277,7 @@ def start_node(data_dir: str, *, pg_ctl: str, user: pwd.struct_passwd, as_root: 
     if as_root:
         cmd = ["runuser", "-u", user.pw_name, "--", *cmd]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=parent, timeout=timeout + 60)
-    lines = _read_pidfile(data_dir)
+    lines = read_pidfile(data_dir)
     if done.returncode != 0 or not lines:
         raise ReseedError(f"PostgreSQL did not start on {data_dir}: {_fatal_lines(log_file) or done.stderr.strip()} "
                           f"(log: {log_file})", hint="read the log; the data directory is restored and configured "
