@@ -17,7 +17,7 @@ import io
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pgvault import codec
 from pgvault.catalog import ArchivedWal, find_archived, format_wal_key
@@ -35,8 +35,7 @@ from pgvault.wal import check_segment_header, parse_wal_file_name, read_long_pag
 HASH_BLOCK = 1 << 20
 
 
-@dataclass(frozen=True)
-class CodecOptions:
+class CodecOptions(NamedTuple):
     """How objects are encoded: the parts of settings the archive needs, explicitly."""
 
     compression: str = "zstd"
@@ -45,8 +44,7 @@ class CodecOptions:
     key: object | None = None  # the vault key new objects are encrypted with, or None
 
 
-@dataclass(frozen=True)
-class PushResult:
+class PushResult(NamedTuple):
     name: str
     key: str
     sha256: str

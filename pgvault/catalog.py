@@ -15,8 +15,7 @@ the store's LastModified) and ``size`` the plaintext size in bytes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from pgvault.storage import Storage
 from pgvault.wal import WalFileName, parse_wal_file_name
@@ -28,8 +27,7 @@ _WAL_KEY = re.compile(r"^(?P<name>[0-9A-F]{8}(?:[0-9A-F]{16}(?:\.partial|\.[0-9A
                       r"\.(?P<sha>[0-9a-f]{64})\.(?P<ms>[0-9]{1,15})\.(?P<size>[0-9]{1,12})$")
 
 
-@dataclass(frozen=True)
-class ArchivedWal:
+class ArchivedWal(NamedTuple):
     """One WAL file in the vault, as its key describes it."""
 
     name: str  # the file name PostgreSQL knows (%f)
@@ -96,8 +94,7 @@ def list_archived_wal(storage: Storage, *, segment_size: int | None = None) -> l
     return entries
 
 
-@dataclass(frozen=True)
-class TimelineWal:
+class TimelineWal(NamedTuple):
     """The archived segments of one timeline: range, gaps and newest completion time."""
 
     timeline: int

@@ -139,9 +139,7 @@ def _keyring_or_none(storage, master):
 
 
 def _record_dict(record) -> dict:
-    from dataclasses import asdict
-
-    return asdict(record) | {"system_identifier": str(record.system_identifier)}
+    return record._asdict() | {"system_identifier": str(record.system_identifier)}
 
 
 def _cluster_identity(settings) -> tuple[int, int, int]:
@@ -193,14 +191,12 @@ def check(state: AppState, as_json: bool) -> None:
 @pass_state
 def show_config(state: AppState, as_json: bool) -> None:
     """Show the effective settings (secrets hidden) and where they came from."""
-    from dataclasses import asdict
+    from pgvault.config import settings_as_dict
 
     settings = state.settings
-    data = asdict(settings)
+    data = settings_as_dict(settings)
     if data["vault"].get("secret_access_key"):
         data["vault"]["secret_access_key"] = "********"
-    data = {section: ({k.rstrip("_"): v for k, v in values.items()} if isinstance(values, dict) else values)
-            for section, values in data.items()}
     if as_json:
         emit_json(data)
         return

@@ -7,14 +7,16 @@ file, the key, what was given and what was expected.
 
 This is the only module that reads the environment for settings; everything
 below the CLI receives explicit values.
+
+The settings records are NamedTuples, not dataclasses: archive_command loads
+this module once per WAL segment, and importing dataclasses (inspect, ast, dis…)
+and building its classes cost more than a third of a sync push's Python start-up.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from pgvault import configpath
 from pgvault.configpath import env_var_name
@@ -25,58 +27,55 @@ DEFAULT_VAULT_URL = "file:///var/lib/pgvault/vault"
 DEFAULT_SPOOL_DIR = configpath.DEFAULT_SPOOL_DIR
 
 
-@dataclass(frozen=True)
-class VaultSettings:
+class VaultSettings(NamedTuple):
     url: str = DEFAULT_VAULT_URL
     endpoint_url: str | None = None
     region: str | None = None
     cluster: str = "main"
     access_key_id: str | None = None
-    secret_access_key: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = None
     sse: str | None = None
 
+    def __repr__(self) -> str:  # never print the secret
+        shown = self._replace(secret_access_key="********" if self.secret_access_key else None)
+        return "VaultSettings(" + ", ".join(f"{k}={v!r}" for k, v in zip(self._fields, shown)) + ")"
 
-@dataclass(frozen=True)
-class PostgresSettings:
+
+class PostgresSettings(NamedTuple):
     data_dir: str | None = None
     conninfo: str = ""
     bin_dir: str | None = None
 
 
-@dataclass(frozen=True)
-class EncryptionSettings:
+class EncryptionSettings(NamedTuple):
     key_file: str | None = None
 
 
-@dataclass(frozen=True)
-class CompressionSettings:
+class CompressionSettings(NamedTuple):
     algorithm: str = "zstd"
     level: int = 3
     threads: int = 2
 
 
-@dataclass(frozen=True)
-class ArchiveSettings:
+class ArchiveSettings(NamedTuple):
     async_: bool = False
     spool_dir: str = DEFAULT_SPOOL_DIR
     # One push per CPU at most: more only adds contention on a small machine.
-    parallel: int = field(default_factory=lambda: min(os.cpu_count() or 2, 4))
+    parallel: int = min(os.cpu_count() or 2, 4)
     prefetch: int = 8
     # zstd level for WAL: on WAL, level 1 is about twice as fast as 3 and compresses as well
     # (measured by scripts/bench_archive.py), and archive_command runs once per segment.
     compression_level: int = 1
 
 
-@dataclass(frozen=True)
-class BackupSettings:
+class BackupSettings(NamedTuple):
     parallel: int = 2
     from_: str = "any"  # "from" is a Python keyword; the TOML key is "from"
     block_size_kib: int = 256
     wal_timeout: int = 120
 
 
-@dataclass(frozen=True)
-class ScheduleSettings:
+class ScheduleSettings(NamedTuple):
     """`pgvault daemon`'s cron strings (unset: that job does not run) and how missed runs are handled."""
 
     full: str | None = None
@@ -90,13 +89,11 @@ class ScheduleSettings:
     jitter: str = "0s"  # each run starts up to this long after its time
 
 
-@dataclass(frozen=True)
-class MetricsSettings:
+class MetricsSettings(NamedTuple):
     listen: str = "127.0.0.1:9187"  # host:port of the daemon's /metrics; empty: no metrics server
 
 
-@dataclass(frozen=True)
-class RetentionSettings:
+class RetentionSettings(NamedTuple):
     """`pgvault expire`: unset keys keep everything they govern (no [retention] at all removes nothing)."""
 
     full: int | None = None  # keep the N newest full backups, with their incrementals
@@ -104,8 +101,7 @@ class RetentionSettings:
     dumps: int | None = None  # keep the N newest logical dumps
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     source: str  # the file the settings came from, or "built-in defaults"
     vault: VaultSettings = VaultSettings()
     postgres: PostgresSettings = PostgresSettings()
@@ -194,8 +190,25 @@ def _toml_name(attr: str) -> str:
     return attr.rstrip("_")  # "async" is a Python keyword, stored as async_
 
 
-def _fields(section_cls: type) -> dict[str, dataclasses.Field]:
-    return {_toml_name(f.name): f for f in dataclasses.fields(section_cls)}
+class _Field(NamedTuple):
+    name: str  # the attribute (async_), not the TOML key (async)
+    type: str  # the annotation as written, e.g. "int | None"
+    default: Any
+
+
+def _fields(section_cls: Any) -> dict[str, _Field]:
+    """TOML key -> field of a settings section."""
+    return {_toml_name(name): _Field(name, section_cls.__annotations__[name], section_cls._field_defaults[name])
+            for name in section_cls._fields}
+
+
+def settings_as_dict(settings: Settings) -> dict[str, Any]:
+    """{"source": …, section: {TOML key: value}} for `pgvault config` (secrets included: hide them there)."""
+    data: dict[str, Any] = {"source": settings.source}
+    for section in _SECTIONS:
+        values = getattr(settings, section)
+        data[section] = {_toml_name(name): value for name, value in zip(values._fields, values)}
+    return data
 
 
 def _expected(type_str: str) -> str:

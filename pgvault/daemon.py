@@ -538,6 +538,6 @@ class Daemon:
 
 def _keep_place(new, old):
     """New settings, but the vault, cluster and spool directory the daemon started with (its lock and state)."""
-    return replace(new, vault=old.vault, archive=replace(new.archive, spool_dir=old.archive.spool_dir))
+    return new._replace(vault=old.vault, archive=new.archive._replace(spool_dir=old.archive.spool_dir))
 
 

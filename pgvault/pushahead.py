@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from pgvault.archive import CodecOptions, PushResult, push_wal_file
 from pgvault.spool import Spool
@@ -51,8 +51,7 @@ def ready_wal_files(wal_dir: str) -> list[str]:
     return sorted(names, key=lambda n: (not n.endswith(".history"), n))
 
 
-@dataclass(frozen=True)
-class PushAheadResult:
+class PushAheadResult(NamedTuple):
     own: PushResult | None  # None: the worker pushed it while this call waited
     still_waiting: int
 
@@ -155,7 +154,7 @@ def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: 
     if lock is None:
         return 0
     # Several files at once: one zstd thread each keeps the cores busy without oversubscribing.
-    each = replace(options, threads=0) if parallel > 1 else options
+    each = options._replace(threads=0) if parallel > 1 else options
     pushed = 0
     failed: set[str] = set()
     try:

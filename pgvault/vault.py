@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from typing import NamedTuple
 
 from pgvault import codec
 from pgvault.errors import ObjectExistsError, ObjectNotFoundError, VaultMismatchError, VaultNotInitializedError
@@ -21,8 +20,7 @@ VAULT_RECORD_KEY = "vault.json"
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class VaultRecord:
+class VaultRecord(NamedTuple):
     format_version: int
     cluster: str
     system_identifier: int
@@ -34,7 +32,7 @@ class VaultRecord:
 
     def to_json(self) -> bytes:
         # system_identifier as a string: it does not fit a JSON double exactly.
-        data = asdict(self) | {"system_identifier": str(self.system_identifier)}
+        data = self._asdict() | {"system_identifier": str(self.system_identifier)}
         return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -92,8 +90,7 @@ def check_same_cluster(record: VaultRecord, system_identifier: int, *, storage: 
         )
 
 
-@dataclass(frozen=True)
-class InitResult:
+class InitResult(NamedTuple):
     record: VaultRecord
     created: bool  # False: the vault already belonged to this cluster; nothing changed
 
@@ -113,6 +110,7 @@ def init_vault(
         check_same_cluster(existing, system_identifier, storage=storage)
         return InitResult(record=existing, created=False)
     import socket  # here, not at the top: wal-push imports this module for every segment
+    from datetime import datetime, timezone
 
     record = VaultRecord(
         format_version=FORMAT_VERSION,

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from pgvault.errors import ForeignWalError, WalFormatError
 
@@ -178,8 +177,7 @@ def backup_file_name(timeline: int, start_lsn: int, *, segment_size: int = DEFAU
 # ----------------------------------------------------------- archive names
 
 
-@dataclass(frozen=True)
-class WalFileName:
+class WalFileName(NamedTuple):
     """A parsed name of a file PostgreSQL hands to ``archive_command`` or asks ``restore_command`` for.
 
     ``kind`` is ``"segment"``, ``"partial"``, ``"history"`` or ``"backup"``;
@@ -245,8 +243,7 @@ def is_wal_file_name(name: str, *, segment_size: int = DEFAULT_SEGMENT_SIZE) -> 
 # ----------------------------------------------------------------- timelines
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
+class HistoryEntry(NamedTuple):
     """One line of a ``.history`` file: ``parent_timeline`` ended at ``switch_lsn``.
 
     ``switch_lsn`` is the first LSN of the *next* timeline in the history (the
@@ -369,8 +366,7 @@ def timeline_of_segment(
 # -------------------------------------------------------------- page header
 
 
-@dataclass(frozen=True)
-class LongPageHeader:
+class LongPageHeader(NamedTuple):
     """The header of a segment's first page (``XLogLongPageHeaderData``)."""
 
     magic: int

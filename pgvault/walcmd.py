@@ -68,9 +68,7 @@ def archive_context(settings):
 
 def wal_options(settings, options):
     """WAL's codec options: [archive] compression_level instead of the backups' level."""
-    from dataclasses import replace
-
-    return replace(options, level=settings.archive.compression_level)
+    return options._replace(level=settings.archive.compression_level)
 
 
 def wal_push(settings, path: str, *, config_path: str | None) -> None:

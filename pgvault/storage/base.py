@@ -9,8 +9,7 @@ listings never show.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Protocol, runtime_checkable
+from typing import BinaryIO, Iterator, NamedTuple, Protocol, runtime_checkable
 
 from pgvault.errors import StorageError
 
@@ -21,8 +20,7 @@ MAX_KEY_LENGTH = 1024
 COPY_BLOCK = 1 << 20
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
     """What a backend knows of one stored object."""
 
     key: str
