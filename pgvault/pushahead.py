@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from pgvault.archive import CodecOptions, PushResult, push_wal_file
@@ -149,6 +148,10 @@ def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: 
     (and returns 0 at once if another worker holds it). ``skip``: a file its starter pushes itself,
     left alone for ``skip_grace`` s.
     """
+    # Here, not at the top: concurrent.futures brings logging and traceback (~4 ms), and
+    # every asynchronous wal-push imports this module, the worker only once.
+    from concurrent.futures import ThreadPoolExecutor
+
     spool.ensure_archive_dir()
     lock = lock_fd if lock_fd is not None else _take_worker_lock(spool)
     if lock is None:
