@@ -79,3 +79,82 @@ def test_stop_after_a_worker_failed_creates_nothing_more(tmp_path):
     made = len(os.listdir(tmp_path / "base/1"))
     assert made < 2000
     assert len(os.listdir(tmp_path / "base/1")) == made  # the thread is done: nothing appears later
+
+
+# --- _sync: one syncfs for the data directory's filesystem, fsync file by file elsewhere -----------
+
+def _synced_paths(monkeypatch, *, syncfs_works: bool) -> tuple[list[str], list[int]]:
+    from pgvault.backup import directio, materialize
+
+    fsynced: list[str] = []
+    syncfs_calls: list[int] = []
+
+    def fake_syncfs(fd: int) -> bool:
+        syncfs_calls.append(fd)
+        return syncfs_works
+
+    monkeypatch.setattr(directio, "syncfs", fake_syncfs)
+    monkeypatch.setattr(materialize, "_fsync", lambda path: fsynced.append(path))
+    return fsynced, syncfs_calls
+
+
+def _restored_tree(tmp_path, elsewhere: str):
+    dest = tmp_path / "data"
+    (dest / "base" / "1").mkdir(parents=True)
+    (dest / "pg_tblspc").mkdir()
+    os.symlink(elsewhere, dest / "pg_tblspc" / "16400")
+    os.makedirs(os.path.join(elsewhere, "PG_15_x", "5"))
+    files = [("base/1/100", 10, 0o600, []), ("server.key", 4, 0o400, []),
+             ("pg_tblspc/16400/PG_15_x/5/200", 10, 0o600, [])]
+    for path, size, _mode, _src in files:
+        with open(dest / path, "wb") as f:
+            f.write(b"x" * size)
+    return dest, _index(files)
+
+
+def test_sync_uses_one_syncfs_and_fsyncs_only_a_tablespace_on_another_filesystem(tmp_path, monkeypatch):
+    from pgvault.backup.materialize import _sync
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's temporary directory")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        location = os.path.join(shm, "ts")
+        dest, index = _restored_tree(tmp_path, location)
+        fsynced, syncfs_calls = _synced_paths(monkeypatch, syncfs_works=True)
+        _sync(str(dest), index, {16400: location})
+        assert len(syncfs_calls) == 1
+        tablespace = str(dest / "pg_tblspc" / "16400")
+        assert str(dest / "pg_tblspc/16400/PG_15_x/5/200") in fsynced
+        assert str(dest / "base/1/100") not in fsynced  # covered by the syncfs
+        assert {tablespace, tablespace + "/PG_15_x", tablespace + "/PG_15_x/5"} <= set(fsynced)
+        assert shm in fsynced  # the new location's own entry
+        assert stat.S_IMODE((dest / "server.key").stat().st_mode) == 0o400  # its mode applied before the sync
+
+
+def test_sync_without_syncfs_fsyncs_every_file_and_directory(tmp_path, monkeypatch):
+    from pgvault.backup.materialize import _sync
+
+    location = str(tmp_path / "ts")
+    dest, index = _restored_tree(tmp_path, location)
+    fsynced, syncfs_calls = _synced_paths(monkeypatch, syncfs_works=False)
+    _sync(str(dest), index, {16400: location})
+    assert len(syncfs_calls) == 1
+    for path in ("base/1/100", "server.key", "pg_tblspc/16400/PG_15_x/5/200"):
+        assert str(dest / path) in fsynced
+    for directory in ("", "base", "base/1", "pg_tblspc/16400/PG_15_x/5"):
+        assert str(dest / directory).rstrip("/") in fsynced
+    assert str(tmp_path) in fsynced  # the data directory's own entry
+
+
+def test_syncfs_really_syncs_an_open_directory(tmp_path):
+    from pgvault.backup import directio
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert directio.syncfs(fd) is True  # Linux has had syncfs since 2.6.39
+        with pytest.raises(OSError):
+            directio.syncfs(-1)  # EBADF is an error, not "unsupported"
+    finally:
+        os.close(fd)
