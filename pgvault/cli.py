@@ -56,6 +56,10 @@ class PgvaultGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except BrokenPipeError:
+            # The reader went away (`pgvault config | head -1`): click's main exits
+            # quietly, as other commands do, instead of reporting an internal error.
+            raise
         except KeyboardInterrupt:
             click.echo("pgvault: interrupted", err=True)
             ctx.exit(130)
@@ -97,28 +101,39 @@ pass_state = click.make_pass_decorator(AppState)
 def init(state: AppState, as_json: bool) -> None:
     """Create the vault record for this cluster (a no-op if it is already this cluster's)."""
     from pgvault import context
-    from pgvault.vault import init_vault, read_vault_record
+    from pgvault.vault import InitResult, check_same_cluster, init_vault, read_vault_record
 
     settings = state.settings
-    # Vault and key first: they are pgvault's own to check; then ask PostgreSQL who it is.
     storage = context.storage_for(settings)
     existing = read_vault_record(storage)
-    master = context.master_key_for(settings)
-    facts = _cluster_identity(settings)
-    key_id = None
-    if master is not None and (existing is None or existing.system_identifier == facts[0]):
-        from pgvault.keys import create_vault_key
+    if existing is not None:
+        facts = _cluster_identity(settings)
+        check_same_cluster(existing, facts[0], storage=storage)
+        # The record says whether the vault is encrypted, and init never changes it: a
+        # config that disagrees is refused (nothing is written), as every other command does.
+        context.vault_keyring(settings, storage, existing)
+        result = InitResult(record=existing, created=False)
+    else:
+        # The key file first: it is pgvault's own to check; then ask PostgreSQL who it is.
+        master = context.master_key_for(settings)
+        facts = _cluster_identity(settings)
+        key_id = None
+        if master is not None:
+            from pgvault.keys import create_vault_key
 
-        keyring = _keyring_or_none(storage, master)
-        key_id = keyring.current.key_id if keyring is not None else create_vault_key(storage, master).key_id
-    result = init_vault(
-        storage,
-        cluster=settings.vault.cluster,
-        system_identifier=facts[0],
-        pg_major_version=facts[1],
-        wal_segment_size=facts[2],
-        encryption_key_id=key_id,
-    )
+            # A key left by an init that stopped before writing the record is reused.
+            keyring = _keyring_or_none(storage, master)
+            key_id = keyring.current.key_id if keyring is not None else create_vault_key(storage, master).key_id
+        result = init_vault(
+            storage,
+            cluster=settings.vault.cluster,
+            system_identifier=facts[0],
+            pg_major_version=facts[1],
+            wal_segment_size=facts[2],
+            encryption_key_id=key_id,
+        )
+        if not result.created:  # another init won the race: its record is the truth
+            context.vault_keyring(settings, storage, result.record)
     record = result.record
     if as_json:
         emit_json({"created": result.created, "vault": storage.description, "record": _record_dict(record)})
@@ -164,12 +179,14 @@ def _cluster_identity(settings) -> tuple[int, int, int]:
 @pass_state
 def check(state: AppState, as_json: bool) -> None:
     """Check config, vault, PostgreSQL and archiving settings; non-zero exit if any item fails."""
-    from pgvault.checks import CheckItem, run_checks
+    from pgvault.checks import config_failed, run_checks
 
     try:
-        items = run_checks(state.settings)
-    except PgvaultError as exc:  # config itself is broken: that is the one item we can report
-        items = [CheckItem("config valid", False, exc.message, exc.hint)]
+        settings = state.settings
+    except PgvaultError as exc:  # the config itself is broken: nothing else can be checked
+        items = config_failed(exc)
+    else:
+        items = run_checks(settings)
     failed = [i for i in items if not i.ok]
     if as_json:
         emit_json({"ok": not failed, "items": [i.to_dict() for i in items]})
@@ -234,12 +251,18 @@ def key_rotate(state: AppState, new_key_file: str) -> None:
     """Re-wrap the vault's keys under a new master key; data objects are not rewritten."""
     from pgvault import context
     from pgvault.keys import load_master_key, rotate_master_key
+    from pgvault.vault import require_vault_record
 
     settings = state.settings
     storage = context.storage_for(settings)
     old = context.master_key_for(settings)
     if old is None:
         raise PgvaultError("[encryption] key_file is not set: there is no master key to rotate")
+    # Only an encrypted vault has keys to rotate. (Not vault_keyring's "unlocks the record's
+    # key" check: a rotation that stopped while deleting old copies must be able to resume.)
+    mismatch = context.encryption_mismatch(settings, require_vault_record(storage), where=storage.description)
+    if mismatch is not None:
+        raise mismatch
     new = load_master_key(new_key_file)
     count = rotate_master_key(storage, old, new)
     click.echo(f"re-wrapped {count} vault key(s) under master key {new.key_id}")
@@ -328,7 +351,7 @@ def list_cmd(state: AppState, as_json: bool) -> None:
     settings = state.settings
     storage = context.storage_for(settings)
     record = require_vault_record(storage)
-    keyring = context.keyring_for(settings, storage)
+    keyring = context.vault_keyring(settings, storage, record)
     loaded = load_catalog(storage, record=record, keyring=keyring)
     snapshot = loaded.snapshot
     dumps = list_dumps(storage, keyring, require_encryption=record.encryption_key_id is not None)

@@ -126,12 +126,16 @@ _SECTIONS: dict[str, type] = {
     "retention": RetentionSettings,
 }
 
-# Constraints beyond the type: key -> (check, what is expected).
+# Constraints beyond the type: key -> (check, what is expected). A check returns
+# True or False, or a string saying what is wrong (put before what is expected).
 _CHOICES: dict[tuple[str, str], tuple[Any, str]] = {
     ("compression", "algorithm"): (lambda v: v in ("zstd", "none"), '"zstd" or "none"'),
     ("compression", "level"): (lambda v: 1 <= v <= 19, "an integer from 1 to 19"),
     ("compression", "threads"): (lambda v: 0 <= v <= 64, "an integer from 0 to 64"),
-    ("vault", "url"): (lambda v: "://" in v, "a URL such as file:///var/lib/pgvault/vault or s3://bucket/prefix"),
+    ("vault", "url"): (lambda v: _storage().vault_url_problem(v) or True,
+                       "a URL file:///absolute/path or s3://bucket/optional/prefix"),
+    ("vault", "cluster"): (lambda v: _storage().is_valid_key_part(v),
+                           'a name of letters, digits, "_", "-" and "." (not first), e.g. "main"'),
     ("vault", "sse"): (lambda v: v in ("AES256", "aws:kms"), '"AES256" or "aws:kms"'),
     ("archive", "parallel"): (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
     ("archive", "prefetch"): (lambda v: 0 <= v <= 256, "an integer from 0 to 256"),
@@ -154,6 +158,14 @@ _CHOICES: dict[tuple[str, str], tuple[Any, str]] = {
     ("retention", "window"): (lambda v: _is_window(v), 'a duration: a number and a unit s, m, h, d or w, e.g. "14d"'),
     ("retention", "dumps"): (lambda v: 1 <= v <= 10000, "an integer from 1 to 10000 (dumps to keep)"),
 }
+
+
+def _storage():
+    # What a vault URL and a cluster name may be is the storage layer's to say. Imported
+    # when checked: wal-push imports the storage package anyway, `pgvault config` need not.
+    import pgvault.storage
+
+    return pgvault.storage
 
 
 def _schedule():
@@ -266,10 +278,17 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def load_settings(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the config file (if any) and environment overrides into Settings."""
+def load_settings(cli_path: str | None = None, environ: Mapping[str, str] | None = None, *,
+                  default_path: str | None = None) -> Settings:
+    """Read the config file (if any) and environment overrides into Settings.
+
+    ``default_path`` (default: /etc/pgvault/pgvault.toml) is the file read, if it
+    exists, when neither ``cli_path`` nor $PGVAULT_CONFIG names one; a parameter
+    so that tests need not write to /etc.
+    """
     environ = os.environ if environ is None else environ
-    path = configpath.resolve_config_path(cli_path, environ, default_path=DEFAULT_CONFIG_PATH)
+    default_path = DEFAULT_CONFIG_PATH if default_path is None else default_path
+    path = configpath.resolve_config_path(cli_path, environ, default_path=default_path)
     raw = _read_file(path) if path else {}
     source = path or "built-in defaults"
 
@@ -306,8 +325,10 @@ def load_settings(cli_path: str | None = None, environ: Mapping[str, str] | None
             except ValueError:
                 raise ConfigError(f"{where} = {value!r}: expected {_expected(type_str)}") from None
             check = _CHOICES.get((section, key))
-            if check and not check[0](value):
-                raise ConfigError(f"{where} = {value!r}: expected {check[1]}")
+            verdict = check[0](value) if check else True
+            if isinstance(verdict, str) or not verdict:
+                problem = f"{verdict}; " if isinstance(verdict, str) else ""
+                raise ConfigError(f"{where} = {value!r}: {problem}expected {check[1]}")
             values[fld.name] = value
         sections[section] = cls(**values)
     return Settings(source=source, **sections)

@@ -52,14 +52,18 @@ def print_error(exc: PgvaultError) -> None:
 
 
 def archive_context(settings):
-    """Storage, vault record, keyring and codec options for WAL commands."""
+    """Storage, vault record, keyring and codec options: what every command reading or writing objects needs.
+
+    Refuses a config whose [encryption] disagrees with the vault record
+    (context.vault_keyring), so that no writer stores plaintext in an encrypted vault.
+    """
     from pgvault import context
     from pgvault.archive import CodecOptions
     from pgvault.vault import require_vault_record
 
     storage = context.storage_for(settings)
     record = require_vault_record(storage)
-    keyring = context.keyring_for(settings, storage)
+    keyring = context.vault_keyring(settings, storage, record)
     c = settings.compression
     options = CodecOptions(compression=c.algorithm, level=c.level, threads=c.threads,
                            key=keyring.current if keyring is not None else None)

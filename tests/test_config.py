@@ -16,9 +16,8 @@ def write(tmp_path, text):
     return str(path)
 
 
-def test_no_config_at_all_gives_working_defaults(monkeypatch):
-    monkeypatch.setattr("pgvault.config.DEFAULT_CONFIG_PATH", "/nonexistent/pgvault.toml")
-    s = load_settings(None, environ={})
+def test_no_config_at_all_gives_working_defaults(tmp_path):
+    s = load_settings(None, environ={}, default_path=str(tmp_path / "absent.toml"))
     assert s.source == "built-in defaults"
     assert s.vault.url == DEFAULT_VAULT_URL
     assert s.vault.cluster == "main"
@@ -67,6 +66,65 @@ def test_environment_overrides_file(tmp_path):
 def test_config_path_from_environment(tmp_path):
     path = write(tmp_path, '[vault]\ncluster = "from-env"\n')
     assert load_settings(None, environ={"PGVAULT_CONFIG": path}).vault.cluster == "from-env"
+
+
+def test_the_default_path_is_read_when_nothing_else_names_a_file(tmp_path):
+    default = write(tmp_path, '[vault]\ncluster = "from-default"\n')
+    assert load_settings(None, environ={}, default_path=default).source == default
+    assert load_settings(None, environ={}, default_path=default).vault.cluster == "from-default"
+    other = tmp_path / "other.toml"
+    other.write_text('[vault]\ncluster = "named"\n')
+    # --config and $PGVAULT_CONFIG come first; the default file is not even read then
+    assert load_settings(str(other), environ={}, default_path=default).vault.cluster == "named"
+    assert load_settings(None, environ={"PGVAULT_CONFIG": str(other)}, default_path=default).vault.cluster == "named"
+
+
+def test_the_default_path_is_etc_pgvault():
+    from pgvault.config import DEFAULT_CONFIG_PATH
+    from pgvault.configpath import resolve_config_path
+
+    assert DEFAULT_CONFIG_PATH == "/etc/pgvault/pgvault.toml"
+    assert resolve_config_path(None, {}) == (DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("ftp://x/y", "unknown scheme 'ftp'"),
+    ("file://host/srv/vault", "a file:// URL must not name a host (this one names 'host')"),
+    ("file:relative/vault", "the path of a file:// URL must be absolute"),
+    ("s3:///prefix", "no bucket named"),
+    ("/srv/vault", "not a URL"),
+])
+def test_a_bad_vault_url_names_the_file_or_variable_key_value_and_expectation(tmp_path, url, problem):
+    expected = "expected a URL file:///absolute/path or s3://bucket/optional/prefix"
+    path = write(tmp_path, f'[vault]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert str(err.value) == f"{path}: [vault] url = {url!r}: {problem}; {expected}"
+    assert err.value.exit_code == 10
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, environ={"PGVAULT_CONFIG": write(tmp_path, ""), "PGVAULT_VAULT_URL": url})
+    assert str(err.value) == f"environment variable PGVAULT_VAULT_URL = {url!r}: {problem}; {expected}"
+
+
+@pytest.mark.parametrize("cluster", ["my cluster", "a/b", ".hidden", "", "ü"])
+def test_a_bad_cluster_name_is_a_config_error(tmp_path, cluster):
+    expected = 'expected a name of letters, digits, "_", "-" and "." (not first), e.g. "main"'
+    path = write(tmp_path, f'[vault]\ncluster = "{cluster}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert str(err.value) == f"{path}: [vault] cluster = {cluster!r}: {expected}"
+    if cluster:  # an empty variable means "not set"
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, environ={"PGVAULT_CONFIG": write(tmp_path, ""), "PGVAULT_VAULT_CLUSTER": cluster})
+        assert str(err.value) == f"environment variable PGVAULT_VAULT_CLUSTER = {cluster!r}: {expected}"
+
+
+def test_good_vault_urls_and_cluster_names_are_accepted(tmp_path):
+    for url in ("file:///srv/vault", "file://localhost/srv/vault", "s3://bucket", "s3://bucket/a/b"):
+        assert load_settings(None, environ={"PGVAULT_CONFIG": write(tmp_path, ""), "PGVAULT_VAULT_URL": url}).vault.url == url
+    for cluster in ("main", "prod-eu_1", "v15.4"):
+        path = write(tmp_path, f'[vault]\ncluster = "{cluster}"\n')
+        assert load_settings(path, environ={}).vault.cluster == cluster
 
 
 def test_wrong_type_names_file_key_value_and_expectation(tmp_path):

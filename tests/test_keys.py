@@ -6,7 +6,11 @@ import base64
 import io
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -82,6 +86,42 @@ def test_load_missing(tmp_path) -> None:
 def test_load_directory(tmp_path) -> None:
     with pytest.raises(EncryptionKeyError, match="is not a regular file"):
         keys.load_master_key(str(tmp_path))
+
+
+#: Loads a key file in a fresh interpreter and prints the error's exit code, message and hint.
+LOAD_AND_REPORT = """
+import sys
+from pgvault.errors import EncryptionKeyError
+from pgvault.keys import load_master_key
+try:
+    load_master_key(sys.argv[1])
+    print("loaded")
+except EncryptionKeyError as exc:
+    print(exc.exit_code, exc.message, exc.hint, sep="\\n")
+"""
+
+
+def test_load_unreadable() -> None:
+    # root reads any file, so as root the key is loaded by postgres (as archive_command would)
+    # from a file of root's; otherwise by this user from a file of mode 0000.
+    from tests.fixtures.pgcluster import PG_USER
+
+    directory = tempfile.mkdtemp(prefix="pgvault-keys-", dir="/tmp")
+    try:
+        os.chmod(directory, 0o755)
+        path = keys.generate_master_key_file(os.path.join(directory, "master.key")).path
+        as_root = os.geteuid() == 0
+        if not as_root:
+            os.chmod(path, 0)
+        out = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, path], user=PG_USER if as_root else None,
+                             cwd="/tmp", capture_output=True, text=True, check=True).stdout
+    finally:
+        shutil.rmtree(directory)
+    assert out.splitlines() == [
+        "11",
+        f"cannot read key file {path}: Permission denied",
+        "the user running pgvault (for archive_command: postgres) must own the key file",
+    ]
 
 
 def write_key_file(tmp_path, content: str) -> str:

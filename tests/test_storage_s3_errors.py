@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -180,19 +182,15 @@ def test_missing_bucket_is_named(s3_endpoint, operation):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(
-    not os.environ.get("PGVAULT_TEST_S3_ENDPOINT"),
-    reason="moto's server accepts any credentials; set PGVAULT_TEST_S3_ENDPOINT (a real MinIO/S3) to test refused ones",
-)
 @pytest.mark.parametrize("operation", OPERATIONS)
-def test_bad_credentials_are_reported_without_the_secret(s3_bucket, operation):
-    endpoint, bucket = s3_bucket
+def test_bad_credentials_are_reported_without_the_secret(s3_bucket_checking_credentials, operation):
+    endpoint, bucket = s3_bucket_checking_credentials
     storage = S3Storage(
         bucket=bucket,
         endpoint_url=endpoint.url,
         region=endpoint.region,
         access_key_id=endpoint.access_key,
-        secret_access_key=SECRET,  # wrong: the signature will not match
+        secret_access_key=SECRET,  # wrong: the signature will not match (moto: no key is known at all)
     )
     err = raised_by(operation, storage)
     assert type(err) is VaultUnreachableError
@@ -200,3 +198,79 @@ def test_bad_credentials_are_reported_without_the_secret(s3_bucket, operation):
     assert "access_key_id/secret_access_key" in err.hint
     assert_no_secret(err, SECRET)
     assert_no_secret(err, endpoint.secret_key)
+
+
+class DroppingProxy:
+    """A loopback TCP proxy that drops the first ``drop`` connections (accepted, then closed
+    at once) and forwards the others to ``target``: a flaky network in front of S3."""
+
+    def __init__(self, target: tuple[str, int] | None, *, drop: int) -> None:
+        self.target, self.drop, self.connections = target, drop, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            if self.connections <= self.drop or self.target is None:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target, timeout=10)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_dropped_connections_are_retried_then_reported(operation):
+    proxy = DroppingProxy(None, drop=10**6)  # every connection is dropped
+    try:
+        storage = S3Storage(bucket="vault", endpoint_url=proxy.url, access_key_id="pgvault-test-key",
+                            secret_access_key=SECRET, max_attempts=3)
+        err = raised_by(operation, storage)
+    finally:
+        proxy.close()
+    assert proxy.connections == 3  # every attempt, on a new connection
+    assert type(err) is VaultUnreachableError
+    assert f"S3 endpoint {proxy.url} is unreachable (ConnectionClosedError)" in err.message
+    assert err.hint == "check that the S3 service is running and [vault] endpoint_url is right"
+    assert_no_secret(err, SECRET)
+
+
+@pytest.mark.integration
+def test_dropped_connections_are_retried_until_the_endpoint_answers(s3_bucket):
+    endpoint, bucket = s3_bucket
+    target = urlsplit(endpoint.url)
+    if target.scheme != "http":
+        pytest.skip("the proxy forwards plain HTTP only")
+    proxy = DroppingProxy((target.hostname, target.port), drop=2)
+    try:
+        storage = S3Storage(bucket=bucket, endpoint_url=proxy.url, region=endpoint.region,
+                            access_key_id=endpoint.access_key, secret_access_key=endpoint.secret_key, max_attempts=3)
+        storage.put("wal/000000010000000000000001", io.BytesIO(b"segment"))  # two drops, then through
+        assert proxy.connections == 3
+        with storage.open("wal/000000010000000000000001") as f:
+            assert f.read() == b"segment"
+    finally:
+        proxy.close()

@@ -39,6 +39,11 @@ def validate_key(key: str) -> str:
     return key
 
 
+def is_valid_key_part(part: str) -> bool:
+    """True if ``part`` can be one '/'-separated part of a key (e.g. a cluster name)."""
+    return isinstance(part, str) and len(part) <= MAX_KEY_LENGTH and _COMPONENT.match(part) is not None
+
+
 def validate_prefix(prefix: str) -> str:
     """A listing prefix is empty or a key, optionally ending in '/'."""
     if prefix == "":
