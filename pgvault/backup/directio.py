@@ -152,12 +152,6 @@ class FileReader:
                 self._direct = False
         return pread_full(self._fd, view[:want], offset)
 
-    def map_if_cached(self) -> mmap.mmap | None:
-        """The whole file mapped read-only, if the page cache holds all of it (else None: read it)."""
-        if self._size <= 0 or self._resident is None or 0 in self._resident:
-            return None
-        return mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
-
     def _cached(self, offset: int, length: int) -> bool:
         if self._resident is None:
             return True  # unknown: read the ordinary way

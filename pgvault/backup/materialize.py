@@ -759,7 +759,7 @@ def _remove_extras(dest_dir: str, index, locations: dict[int, str]) -> int:
 
 
 def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, total) -> tuple[int, int, int, int]:
-    """Put every entry in place, in path order; compare existing files block by block.
+    """Put every entry in place, in path order; then compare the files already there block by block.
 
     Returns (files kept, files to fetch, bytes re-hashed, bytes to fetch); marks
     each source's wanted blocks in the index.
@@ -793,51 +793,63 @@ def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, tota
             done = state["bytes"]
         progress(MaterializeProgress(done, total, 0, 0, phase="compare"))
 
-    rows = index.execute("SELECT path, type, mode, size, target, file_id, blocks FROM entries ORDER BY seq")
+    # Pass 1, in path order (a directory before what it holds): directories, links, and files
+    # missing or of the wrong type, created empty (every block wanted).
+    created: set[int] = set()
+    rows = index.execute("SELECT path, type, mode, size, target, file_id FROM entries ORDER BY seq")
+    for path, kind, mode, size, target, file_id in _iter(rows):
+        where = os.path.join(dest_dir, path)
+        try:
+            st = os.lstat(where)
+        except FileNotFoundError:
+            st = None
+        if kind == "dir":
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                if stat.S_IMODE(st.st_mode) != mode:
+                    os.chmod(where, mode)  # only then: a chmod dirties the inode, which the sync then writes
+            elif st is not None and stat.S_ISLNK(st.st_mode) and path == "pg_wal" and os.path.isdir(where):
+                pass  # pg_wal on another disk stays there
+            else:
+                if st is not None:
+                    _remove(where, st)
+                os.mkdir(where, mode)
+                os.chmod(where, mode)
+        elif kind == "link":
+            want = locations[int(path.split("/")[1])] if _is_tablespace_link(path) else target
+            if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(where) == want:
+                if _is_tablespace_link(path) and not os.path.lexists(want):
+                    os.makedirs(want, mode=0o700)  # the link is ours, its location is gone: recreate it
+                continue
+            if st is not None:
+                _remove(where, st)
+            if _is_tablespace_link(path):
+                _prepare_empty(want, what=f"tablespace {path.split('/')[1]} location")
+            os.symlink(want, where)
+        elif st is None or not stat.S_ISREG(st.st_mode):
+            if st is not None:
+                _remove(where, st)
+            create_presized(where, size, mode | OWNER_RW)
+            created.add(file_id)
+            fetched += 1
+            wanted_bytes += size  # its sources keep wanted = NULL: every block
+
+    # Pass 2: the files already there, compared block by block, largest first: the workers then
+    # finish together instead of one hashing the biggest file alone at the end.
+    rows = index.execute("SELECT path, mode, size, file_id, blocks FROM entries WHERE type = 'file' "
+                         "ORDER BY size DESC, seq")
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-compare") as pool:
         running: set[Future] = set()
         try:
-            for path, kind, mode, size, target, file_id, hashes_json in _iter(rows):
-                where = os.path.join(dest_dir, path)
-                try:
-                    st = os.lstat(where)
-                except FileNotFoundError:
-                    st = None
-                if kind == "dir":
-                    if st is not None and stat.S_ISDIR(st.st_mode):
-                        if stat.S_IMODE(st.st_mode) != mode:
-                            os.chmod(where, mode)  # only then: a chmod dirties the inode, which fsync then commits
-                    elif st is not None and stat.S_ISLNK(st.st_mode) and path == "pg_wal" and os.path.isdir(where):
-                        pass  # pg_wal on another disk stays there
-                    else:
-                        if st is not None:
-                            _remove(where, st)
-                        os.mkdir(where, mode)
-                        os.chmod(where, mode)
-                elif kind == "link":
-                    want = locations[int(path.split("/")[1])] if _is_tablespace_link(path) else target
-                    if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(where) == want:
-                        if _is_tablespace_link(path) and not os.path.lexists(want):
-                            os.makedirs(want, mode=0o700)  # the link is ours, its location is gone: recreate it
-                        continue
-                    if st is not None:
-                        _remove(where, st)
-                    if _is_tablespace_link(path):
-                        _prepare_empty(want, what=f"tablespace {path.split('/')[1]} location")
-                    os.symlink(want, where)
-                elif st is not None and stat.S_ISREG(st.st_mode):
-                    expected = json.loads(hashes_json)
-                    running.add(pool.submit(_compare_file, where, file_id, size, mode, expected, bs, hash_fn, report))
-                    while len(running) >= 2 * parallel:
-                        finished, running = wait(running, return_when=FIRST_COMPLETED)
-                        for f in finished:
-                            compared(*f.result())
-                else:
-                    if st is not None:
-                        _remove(where, st)
-                    create_presized(where, size, mode | OWNER_RW)
-                    fetched += 1
-                    wanted_bytes += size  # its sources keep wanted = NULL: every block
+            for path, mode, size, file_id, hashes_json in _iter(rows):
+                if file_id in created:
+                    continue
+                expected = json.loads(hashes_json)
+                running.add(pool.submit(_compare_file, os.path.join(dest_dir, path), file_id, size, mode, expected,
+                                        bs, hash_fn, report))
+                while len(running) >= 2 * parallel:
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        compared(*f.result())
             for f in running:
                 compared(*f.result())
         except BaseException:
@@ -860,9 +872,8 @@ def _compare_file(path: str, file_id: int, size: int, mode: int, expected: list[
                   hash_fn, report) -> tuple[int, int, list[int], int]:
     """In a worker: cut or extend ``path`` to ``size``, then hash each block.
 
-    Hashes the file where it lies (mapped) when the page cache holds all of it;
-    otherwise reads whole blocks a buffer at a time, from the page cache when it
-    holds them and directly from the disk when not (see directio.FileReader).
+    Reads whole blocks a buffer at a time, from the page cache when it holds
+    them and directly from the disk when not (see directio.FileReader).
     A file whose blocks all match is left as it is (_sync makes it durable).
     Returns (file_id, size, the blocks that do not match, bytes read).
     """
@@ -884,23 +895,6 @@ def _compare_file(path: str, file_id: int, size: int, mode: int, expected: list[
             # only then: an intact file's inode stays clean, with nothing to write back
             os.fchmod(fd, mode | OWNER_RW)
         reader = directio.FileReader(fd, size)
-        mapped = reader.map_if_cached()
-        if mapped is not None:
-            # All in the page cache (a node that has been running): hashed where it lies, not
-            # copied out first (~40% faster). Nothing else writes here: restore refuses a
-            # directory a server runs in.
-            with mapped:
-                view = memoryview(mapped)
-                try:
-                    for i in range(-(-size // bs)):
-                        if hash_fn(view[i * bs:(i + 1) * bs]) != expected[i]:
-                            needed.append(i)
-                        if (i + 1) % 64 == 0:
-                            report(64 * bs)
-                finally:
-                    view.release()
-            report(size - (-(-size // bs) // 64) * 64 * bs)
-            return file_id, size, needed, size
         for start in range(0, size, per_read):
             length = min(per_read, size - start)
             got = reader.read_at(buf[:_round_up(length, directio.ALIGN)], start)
