@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ import pytest
 from pgvault.errors import StorageError, VaultUnreachableError
 from pgvault.storage.s3 import S3Storage
 from tests.fixtures.s3server import free_port
+from tests.fixtures.tcpproxy import TcpProxy
 
 SECRET = "pgvault-test-SECRET-never-print"
 
@@ -200,51 +200,10 @@ def test_bad_credentials_are_reported_without_the_secret(s3_bucket_checking_cred
     assert_no_secret(err, endpoint.secret_key)
 
 
-class DroppingProxy:
-    """A loopback TCP proxy that drops the first ``drop`` connections (accepted, then closed
-    at once) and forwards the others to ``target``: a flaky network in front of S3."""
-
-    def __init__(self, target: tuple[str, int] | None, *, drop: int) -> None:
-        self.target, self.drop, self.connections = target, drop, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            self.connections += 1
-            if self.connections <= self.drop or self.target is None:
-                client.close()
-                continue
-            upstream = socket.create_connection(self.target, timeout=10)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_dropped_connections_are_retried_then_reported(operation):
-    proxy = DroppingProxy(None, drop=10**6)  # every connection is dropped
+    proxy = TcpProxy("127.0.0.1", 9)
+    proxy.cut()  # every connection is dropped
     try:
         storage = S3Storage(bucket="vault", endpoint_url=proxy.url, access_key_id="pgvault-test-key",
                             secret_access_key=SECRET, max_attempts=3)
@@ -264,7 +223,7 @@ def test_dropped_connections_are_retried_until_the_endpoint_answers(s3_bucket):
     target = urlsplit(endpoint.url)
     if target.scheme != "http":
         pytest.skip("the proxy forwards plain HTTP only")
-    proxy = DroppingProxy((target.hostname, target.port), drop=2)
+    proxy = TcpProxy(target.hostname, target.port, drop_first=2)
     try:
         storage = S3Storage(bucket=bucket, endpoint_url=proxy.url, region=endpoint.region,
                             access_key_id=endpoint.access_key, secret_access_key=endpoint.secret_key, max_attempts=3)
