@@ -812,3 +812,226 @@ def test_backup_errors_have_their_own_exit_codes():
 ])
 def test_a_lock_holder_says_which_job_holds_the_lock(label, described):
     assert LockHolder(label=label, host="db1", pid=7, started_at="then").describe() == described
+
+
+# --- reading ends before storing does ---------------------------------------------
+
+
+def test_hash_blocks_keeps_the_bytes_of_the_blocks_unlike_the_parents_while_the_budget_lasts(tmp_path):
+    bs = 64 * KIB
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(4 * bs + 100))
+    data = path.read_bytes()
+    blocks = [data[i:i + bs] for i in range(0, len(data), bs)]
+    parent = [block_hash(blocks[0]), "0" * 32, block_hash(blocks[2]), "1" * 32]  # blocks 1, 3 changed; 4 is new
+
+    granted = []
+
+    def keep(n):
+        granted.append(n)
+        return True
+
+    result = hash_blocks(str(path), 0, 6, bs, parent=parent, keep=keep)
+    assert result.kept == {1: blocks[1], 3: blocks[3], 4: blocks[4]} and not result.missed
+    assert granted == [bs, bs, 100]
+    assert result.hashes == [block_hash(b) for b in blocks]  # hashed as ever
+    assert hash_blocks(str(path), 0, 6, bs, parent=parent).kept == {}  # nothing kept unless asked
+
+    budget = [bs]  # room for one block: the next one is missed, and no later one is kept
+
+    def keep_within(n):
+        if n > budget[0]:
+            return False
+        budget[0] -= n
+        return True
+
+    result = hash_blocks(str(path), 0, 6, bs, parent=parent, keep=keep_within)
+    assert result.kept == {1: blocks[1]} and result.missed
+
+
+def test_piece_reader_serves_held_bytes_as_it_reads_the_file(tmp_path):
+    bs = 64 * KIB
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 * bs + 10))
+    from pgvault.backup.blocks import read_blocks
+
+    on_disk = Piece(str(path), [0, 2, 3])
+    held = Piece(str(path), [0, 2, 3], data=read_blocks(str(path), [0, 2, 3], bs))
+    from_file = PieceReader([on_disk], bs).read()
+    path.write_bytes(b"")  # held bytes do not read the file again
+    reader = PieceReader([held], bs)
+    plain = b""
+    while chunk := reader.read(7 * KIB + 3):
+        plain += chunk
+    assert plain == from_file
+    assert (held.hashes, held.lengths, held.offset) == (on_disk.hashes, on_disk.lengths, on_disk.offset)
+    assert held.lengths == [bs, bs, 10]
+
+    short = Piece(str(path), [0, 1, 2], data=[b"a" * bs, b"b" * 5])  # the file ended after 1 block and 5 bytes
+    assert PieceReader([short], bs).read() == b"a" * bs + b"b" * 5 and short.lengths == [bs, 5]
+    assert read_blocks(str(tmp_path / "gone"), [0], bs) is None
+
+
+def _changed_data_dir(tmp_path, storage):
+    """A data directory, its full backup, and then a big file with some blocks changed (and a new file)."""
+    data = str(tmp_path / "data")
+    make_data_dir(data)
+    big = os.path.join(data, "base/1/16384")
+    with open(big, "wb") as f:
+        f.write(os.urandom(40 * 64 * KIB))
+    old = os.stat(big).st_mtime - 10
+    os.utime(big, (old, old))
+    full, _ = copy_dir(storage, data, tmp_path, label="20261127T203000ZF", object_size=4 << 20)
+    with open(big, "r+b") as f:
+        for block in (1, 7, 8, 9, 30, 31, 32, 33):
+            f.seek(block * 64 * KIB + 5)
+            f.write(os.urandom(100))
+    with open(os.path.join(data, "base/1/1260"), "wb") as f:  # new: stored whole, read from its file
+        f.write(os.urandom(5000))
+    return data, big, full
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 1])
+def test_an_incremental_has_read_every_file_when_read_all_returns(tmp_path, monkeypatch, keep_bytes):
+    """What is stored is what was read before the backup stopped: changed blocks kept from the comparison
+    pass, or (past KEEP_BYTES) read again from their file, but before read_all returns in either case."""
+    from pgvault.backup import copy as copy_module
+
+    if keep_bytes is not None:
+        monkeypatch.setattr(copy_module, "KEEP_BYTES", keep_bytes)
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data, big, full = _changed_data_dir(tmp_path, storage)
+    expected = backed_up(data)
+
+    label = "20261127T203001ZI"
+    writer = FilesWriter(str(tmp_path / "spool"))
+    parents = iter(SpooledFiles(storage, full, keyring=None, require_encryption=False, tmp_dir=str(tmp_path / "spool")))
+    copier = Copier(storage=storage, data_dir=data, label=label, options=OPTIONS, writer=writer, block_size=64 * KIB,
+                    parallel=2, object_size=4 << 20, trust_mtime_before=full.start_time.timestamp() - 1)
+    copier.read_all(merge_join(scan_data_dir(data, pg_major_version=15), parents))
+    for path in (big, os.path.join(data, "base/1/1260"), os.path.join(data, "global/pg_control")):
+        with open(path, "r+b") as f:  # written after the backup stopped: WAL replay's business, not the backup's
+            f.write(b"\0" * 300)
+    stats = copier.finish()
+    sha, _size, stored = writer.store(storage, layout.files_key(label), options=OPTIONS)
+    writer.close()
+    incr = sample_manifest(label, type="incr", parent=full.label, block_size=64 * KIB, files_sha256=sha,
+                           file_count=stats.files, bytes_read=stats.bytes_read,
+                           bytes_stored=stats.bytes_stored + stored, tablespaces=())
+    write_manifest(storage, incr, options=OPTIONS)
+
+    dest = str(tmp_path / "restored")
+    materialize_backup(storage, incr, dest, keyring=None, parallel=2, tmp_dir=str(tmp_path))
+    restored = {k: v for k, v in tree(dest).items() if k not in ("backup_label", "tablespace_map")}
+    assert restored == expected
+    assert stats.bytes_stored < full.bytes_stored / 4  # only the changed blocks
+
+
+def test_a_changed_file_is_stored_in_one_object_per_worker(tmp_path, monkeypatch):
+    from pgvault.backup import copy as copy_module
+
+    monkeypatch.setattr(copy_module, "MIN_BURST_OBJECT", 128 * KIB)
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data, _big, full = _changed_data_dir(tmp_path, storage)
+    incr, _stats = copy_dir(storage, data, tmp_path, label="20261127T203001ZI", parent=full, object_size=4 << 20)
+    entry = {e.path: e for e in iter_files(storage, incr, keyring=None)}["base/1/16384"]
+    ours = [s for s in entry.sources if s.object.startswith(f"backups/{incr.label}/")]
+    # 8 changed blocks of 64 KiB, 2 workers: 2 objects of 4 blocks, not one object for all 8
+    assert sorted(len(s.blocks) for s in ours) == [4, 4] and len({s.object for s in ours}) == 2
+
+
+def test_objects_are_stored_while_the_wal_is_awaited_and_a_failure_of_either_ends_both():
+    import threading
+    import time as _time
+
+    from pgvault.backup.errors import WalArchiveTimeoutError
+    from pgvault.backup.physical import _while_finishing
+
+    polled, finished = threading.Event(), threading.Event()
+
+    def finish():
+        polled.wait(10)  # still storing when the wait polls
+        finished.set()
+        return "copied"
+
+    def wait(check):  # the WAL arrives while the objects are stored
+        check()
+        polled.set()
+
+    assert _while_finishing(finish, wait, abort=lambda: None) == "copied"
+    assert finished.is_set()  # and the result came once both were done
+
+    def broken_finish():
+        raise BackupError("the vault is full")
+
+    def patient_wait(check):
+        deadline = _time.monotonic() + 10
+        while _time.monotonic() < deadline:
+            check()
+            _time.sleep(0.01)
+
+    started = _time.monotonic()
+    with pytest.raises(BackupError, match="the vault is full"):
+        _while_finishing(broken_finish, patient_wait, abort=lambda: None)
+    assert _time.monotonic() - started < 5  # the wait ended at the next poll, not at its timeout
+
+    stopping, aborted = threading.Event(), []
+
+    def slow_finish():
+        stopping.wait(10)
+        return "copied"
+
+    def failing_wait(check):
+        raise WalArchiveTimeoutError("WAL segment 000000010000000000000002 ... did not reach the vault")
+
+    def abort():
+        aborted.append(True)
+        stopping.set()
+
+    with pytest.raises(WalArchiveTimeoutError):
+        _while_finishing(slow_finish, failing_wait, abort=abort)
+    assert aborted and stopping.is_set()  # stopped, and over before the error went on
+
+
+def test_the_copy_is_prepared_while_the_backup_starts_and_closed_if_it_does_not():
+    import threading
+
+    from pgvault.backup.physical import _ReadAhead, _while_starting
+
+    started, prepared = threading.Event(), threading.Event()
+
+    class Prepared:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def start():
+        assert prepared.wait(10)  # prepared while the server checkpoints, not after
+        started.set()
+        return (42, "now")
+
+    def prepare():
+        prepared.set()
+        return Prepared()
+
+    (lsn, when), copy = _while_starting(start, prepare)
+    assert (lsn, when) == (42, "now") and isinstance(copy, Prepared) and not copy.closed
+
+    made = []
+
+    def prepare_and_remember():
+        made.append(Prepared())
+        return made[-1]
+
+    def refused():
+        raise BackupError("PostgreSQL refused the backup: permission denied for function pg_backup_start")
+
+    with pytest.raises(BackupError, match="permission denied"):
+        _while_starting(refused, prepare_and_remember)
+    assert made and made[0].closed  # nothing left open behind the error
+
+    entries = iter([FileEntry(f"base/1/{n}", "file", size=0) for n in range(5)])
+    ahead = _ReadAhead(entries)
+    assert next(entries, None) is None  # all five read at once
+    assert [e.path for e in ahead] == [f"base/1/{n}" for n in range(5)]

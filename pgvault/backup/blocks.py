@@ -1,10 +1,11 @@
 """Reading files as fixed-size blocks, hashing each block as it passes.
 
-``hash_blocks`` reads a range of a file only to hash it (an incremental's
-comparison pass). ``PieceReader`` is the source stream of one data object: it
-reads the listed blocks of several files back to back, straight into the
-encoder's buffer (no copy), hashing every block on the way, and records where
-each file's blocks landed in the object.
+``hash_blocks`` reads a range of a file to hash it (an incremental's
+comparison pass), keeping the bytes of the blocks that differ from the parent's
+when asked. ``PieceReader`` is the source stream of one data object: it reads
+the listed blocks of several files back to back, straight into the encoder's
+buffer (no copy) or from the bytes kept by the comparison pass, hashing every
+block on the way, and records where each file's blocks landed in the object.
 
 Blocks are hashed with XXH3-128 (``BLOCK_HASH``). An incremental reads every
 changed file whole to find its changed blocks, and a full backup hashes every
@@ -31,7 +32,7 @@ import io
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import xxhash
 
@@ -88,6 +89,8 @@ class HashResult:
     hashes: list[str]
     lengths: list[int]  # bytes in each hashed block; a short one is the file's last
     vanished: bool = False
+    kept: dict[int, bytes] = field(default_factory=dict)  # block index -> bytes, of blocks unlike the parent's
+    missed: bool = False  # a block unlike the parent's could not be kept: ``keep`` refused it
 
 
 _buffers = threading.local()
@@ -100,8 +103,15 @@ def _buffer(size: int) -> memoryview:
     return buf
 
 
-def hash_blocks(path: str, first: int, count: int, block_size: int, algorithm: str = BLOCK_HASH) -> HashResult:
-    """Hashes of blocks ``first .. first + count - 1`` of ``path``, up to its end."""
+def hash_blocks(path: str, first: int, count: int, block_size: int, algorithm: str = BLOCK_HASH, *,
+                parent: Sequence[str] = (), keep: Callable[[int], bool] | None = None) -> HashResult:
+    """Hashes of blocks ``first .. first + count - 1`` of ``path``, up to its end.
+
+    With ``keep``, the bytes of every block whose hash differs from ``parent``'s
+    (the parent's hashes of the whole file), or that ``parent`` lacks, are kept
+    in the result if ``keep(their length)`` allows (a memory budget); once it
+    refuses, ``missed`` is set and no more are kept.
+    """
     _hasher(algorithm)  # an unknown name fails here, before any read
     fd = _open(path)
     if fd is None:
@@ -113,13 +123,39 @@ def hash_blocks(path: str, first: int, count: int, block_size: int, algorithm: s
             n = pread_full(fd, buf, block * block_size)
             if n == 0:
                 break
-            result.hashes.append(block_hash(buf[:n], algorithm))
+            digest = block_hash(buf[:n], algorithm)
+            result.hashes.append(digest)
             result.lengths.append(n)
+            if keep is not None and (block >= len(parent) or parent[block] != digest):
+                if not result.missed and keep(n):
+                    result.kept[block] = bytes(buf[:n])
+                else:
+                    result.missed = True
             if n < block_size:
                 break
     finally:
         os.close(fd)
     return result
+
+
+def read_blocks(path: str, blocks: list[int], block_size: int) -> list[bytes] | None:
+    """The bytes of ``blocks`` of ``path``, up to its end (a short block is the last); None if it is gone."""
+    fd = _open(path)
+    if fd is None:
+        return None
+    held = []
+    buf = _buffer(block_size)
+    try:
+        for block in blocks:
+            n = pread_full(fd, buf, block * block_size)
+            if n == 0:
+                break
+            held.append(bytes(buf[:n]))
+            if n < block_size:
+                break
+    finally:
+        os.close(fd)
+    return held
 
 
 def pread_full(fd: int, view: memoryview, offset: int) -> int:
@@ -133,6 +169,9 @@ def pread_full(fd: int, view: memoryview, offset: int) -> int:
     return got
 
 
+_IN_MEMORY = -1  # PieceReader's descriptor for a piece whose bytes are held (Piece.data)
+
+
 @dataclass
 class Piece:
     """Blocks of one file to store back to back in one object; filled in as they are read."""
@@ -143,6 +182,8 @@ class Piece:
     hashes: list[str] = field(default_factory=list)  # of the blocks read, in order
     lengths: list[int] = field(default_factory=list)
     vanished: bool = False
+    #: The blocks' bytes, read already (by the comparison pass): the file is not read again.
+    data: list[bytes] | None = None
 
 
 class PieceReader(io.RawIOBase):
@@ -169,9 +210,14 @@ class PieceReader(io.RawIOBase):
             if self._fd is None and not self._next_piece():
                 break
             assert self._piece is not None and self._fd is not None
-            block = self._piece.blocks[self._index]
             want = min(self._bs - self._got, len(view) - filled)
-            n = os.preadv(self._fd, [view[filled:filled + want]], block * self._bs + self._got)
+            if self._piece.data is not None:
+                held = self._piece.data[self._index] if self._index < len(self._piece.data) else b""
+                n = min(want, len(held) - self._got)
+                view[filled:filled + n] = memoryview(held)[self._got:self._got + n]
+            else:
+                block = self._piece.blocks[self._index]
+                n = os.preadv(self._fd, [view[filled:filled + want]], block * self._bs + self._got)
             if n:
                 self._hash.update(view[filled:filled + n])
                 filled += n
@@ -187,11 +233,14 @@ class PieceReader(io.RawIOBase):
             if self._piece is None:
                 return False
             self._piece.offset = self.position
-            self._fd = _open(self._piece.path)
+            if self._piece.data is None:
+                self._fd = _open(self._piece.path)
+                self._piece.vanished = self._fd is None
+            elif not self._piece.vanished:
+                self._fd = _IN_MEMORY
             if self._fd is not None:
                 self._index, self._got, self._hash = 0, 0, self._new_hash()
                 return True
-            self._piece.vanished = True
 
     def _end_block(self, *, at_eof: bool) -> None:
         piece = self._piece
@@ -205,7 +254,7 @@ class PieceReader(io.RawIOBase):
             self._close_piece()
 
     def _close_piece(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd != _IN_MEMORY:
             os.close(self._fd)
         self._fd = None
 

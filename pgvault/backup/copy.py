@@ -6,17 +6,29 @@ A pipeline over the entries of the data directory, in path order:
    parent (same size and mtime, and that mtime older than the parent's start)
    reuses the parent's blocks without being read; any other file of an
    incremental is hashed block by block (in parallel tasks of up to one object's
-   size) and compared with the parent's hashes; a full backup stores every block.
+   size) and compared with the parent's hashes, the bytes of the blocks that
+   differ kept as they pass (up to KEEP_BYTES at a time); a full backup stores
+   every block.
 2. pack: the blocks to store are packed, in order, into objects of about
    ``object_size`` bytes: small files share one object (a bundle; each local put
    costs an fsync), large files are cut into several (so the workers share a
-   1 GiB relation segment). Each object is encoded and put by a worker.
+   1 GiB relation segment); an incremental's changed blocks go out in smaller
+   objects at once (see ``Copier._burst_limit``). Each object is encoded and put
+   by a worker, from the files or from the kept bytes.
 3. write: once every object holding a file's blocks is stored, its files.jsonl
    line is written (to a temporary file, stored at the end).
 
+Reading ends before storing does: ``read_all`` returns once every file has been
+read (pg_control last), so the backup can be stopped on the server while
+``finish`` encodes and puts the kept blocks and the archiver pushes the stop
+segment. An incremental's changed blocks are all read by the comparison pass,
+so most of its storing moves out of the time between pg_backup_start and
+pg_backup_stop; a full backup reads as it stores, and changes nothing.
+
 Memory is bounded whatever the database size: only the entries between the
 oldest unfinished one and the scan position are held, and their number and
-blocks are capped; neither files.jsonl nor the parent's is ever held whole.
+blocks are capped, as are the kept bytes; neither files.jsonl nor the parent's
+is ever held whole.
 
 pg_control is copied last, after every other file: a backup from a standby
 ends where the copied pg_control's minimum recovery point says, which must
@@ -36,7 +48,7 @@ from typing import Callable, Iterable
 from pgvault import codec
 from pgvault.backup import layout
 from pgvault.backup.blockmap import Location, block_locations, changed_blocks, contiguous_length, group_sources
-from pgvault.backup.blocks import HashResult, Piece, PieceReader, hash_blocks
+from pgvault.backup.blocks import HashResult, Piece, PieceReader, hash_blocks, read_blocks
 from pgvault.backup.manifest import FileEntry, FilesWriter, block_count
 from pgvault.backup.scan import ScanEntry
 from pgvault.storage import Storage
@@ -47,6 +59,11 @@ COPY_LAST = frozenset({"global/pg_control"})
 #: Caps on what waits between the scan and files.jsonl: entries, and their blocks.
 MAX_QUEUED_ENTRIES = 20_000
 MAX_QUEUED_BLOCKS = 200_000
+#: Bytes of changed blocks held between the comparison pass and their object's put, at most.
+#: Past it, a changed file is read again to be stored, before the backup stops.
+KEEP_BYTES = 96 << 20
+#: The smallest object an incremental sends before it is full (see Copier._burst_limit).
+MIN_BURST_OBJECT = 8 << 20
 
 
 @dataclass
@@ -75,6 +92,7 @@ class _Job:
     sha256: str = ""
     stored: int = 0
     counted: int = 0  # bytes this job adds to progress when done
+    reads_files: bool = False  # some piece is read from its file (not held): done before the backup stops
 
 
 @dataclass(eq=False)
@@ -88,6 +106,7 @@ class _Plan:
     hashes: list[str | None] = field(default_factory=list)
     lengths: list[int | None] = field(default_factory=list)
     pieces: list[tuple[Piece, _Job]] = field(default_factory=list)
+    kept: dict[int, bytes] = field(default_factory=dict)  # changed blocks' bytes from the comparison pass
     vanished: bool = False
     last: bool = False  # copied after every other file (COPY_LAST)
     todo: list[int] = field(default_factory=list)  # for files copied last: the blocks to store
@@ -126,14 +145,25 @@ class Copier:
         self._to_pack: deque[_Plan] = deque()
         self._to_write: deque[_Plan] = deque()
         self._queued_weight = 0
-        self._job: _Job | None = None
+        # The objects being filled: one reads its files when stored, the other holds kept bytes
+        # (apart: the backup can stop before the second is stored, not before the first).
+        self._filling: dict[bool, _Job] = {}  # reads_files -> job
         self._next_number = 0
         self._last: list[_Plan] = []
+        self._last_job: _Job | None = None
+        self._readers: set[Future] = set()  # hash tasks, and stores that read files, not known to be done
+        self._keep_left = KEEP_BYTES
         self._lock = threading.Lock()
 
     # --- the pipeline ---------------------------------------------------------
 
     def run(self, entries: Iterable[tuple[ScanEntry, FileEntry | None]]) -> CopyStats:
+        """Copy every entry: ``read_all`` then ``finish``."""
+        self.read_all(entries)
+        return self.finish()
+
+    def read_all(self, entries: Iterable[tuple[ScanEntry, FileEntry | None]]) -> None:
+        """Return once every file has been read, pg_control last; objects may still be being stored."""
         try:
             for scan, parent in entries:
                 plan = self._plan(scan, parent)
@@ -144,17 +174,40 @@ class Copier:
                 while self._busy():
                     self._wait_one()
                     self._advance()
-            while self._to_pack or self._to_write:
+            while self._to_pack or self._reading():
                 if not self._to_pack:
                     self._submit_job()  # nothing more will join the object being filled
                 self._wait_one()
                 self._advance()
-            self._copy_last()
+            self._submit_job()
+            self._read_last()
         except BaseException:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.close()
+            raise
+
+    def finish(self) -> CopyStats:
+        """After ``read_all``: wait until every object is stored and every files.jsonl line written."""
+        try:
+            while self._to_write:
+                self._wait_one()
+                self._advance()
+            self._write_last()
+        except BaseException:
+            self.close()
             raise
         self._pool.shutdown(wait=True)
         return self.stats
+
+    def close(self) -> None:
+        """Stop: cancel the tasks not started, wait for those running (no put is left half done)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _reading(self) -> bool:
+        """Whether some file is still to be read: by a hash task, a store, or the object being filled."""
+        if True in self._filling:
+            return True
+        self._readers = {f for f in self._readers if not f.done()}
+        return bool(self._readers)
 
     def _busy(self) -> bool:
         return (len(self._outstanding) >= 2 * self.parallel
@@ -210,16 +263,30 @@ class Copier:
         blocks = block_count(scan.size, self.bs) + 1
         for first in range(0, blocks, per_task):
             count = min(per_task, blocks - first)
-            future = self._pool.submit(hash_blocks, path, first, count, self.bs)
+            future = self._pool.submit(hash_blocks, path, first, count, self.bs, parent=parent.blocks,
+                                       keep=self._take)
             nbytes = min(count * self.bs, max(0, scan.size - first * self.bs))
             future.add_done_callback(functools.partial(self._count, nbytes))
             plan.hash_tasks.append(future)
             self._outstanding.add(future)
+            self._readers.add(future)
         return plan
 
     def _count(self, nbytes: int, _future: Future | None = None) -> None:
         with self._lock:  # called in worker threads
             self.progress.bytes_done += nbytes
+
+    def _take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` of KEEP_BYTES for a changed block (in a worker); False once spent."""
+        with self._lock:
+            if nbytes > self._keep_left:
+                return False
+            self._keep_left -= nbytes
+            return True
+
+    def _give_back(self, held: Iterable[bytes]) -> None:
+        with self._lock:
+            self._keep_left += sum(len(b) for b in held)
 
     # --- pack -------------------------------------------------------------------
 
@@ -235,50 +302,87 @@ class Copier:
         else:
             results: list[HashResult] = [f.result() for f in plan.hash_tasks]
             plan.hash_tasks = []
+            missed = False
             for r in results:
                 plan.vanished |= r.vanished
                 plan.hashes.extend(r.hashes)
                 plan.lengths.extend(r.lengths)
+                plan.kept.update(r.kept)
+                missed |= r.missed
             size, count = contiguous_length(plan.lengths, self.bs)
             del plan.hashes[count:], plan.lengths[count:]
             assert plan.parent is not None
             todo = changed_blocks(plan.hashes, plan.parent.blocks)
+            if missed or any(b not in plan.kept for b in todo):
+                self._give_back(plan.kept.values())  # all or nothing: the file is read again to be stored
+                plan.kept = {}
+            else:
+                self._give_back(plan.kept.pop(b) for b in set(plan.kept) - set(todo))
         if plan.vanished:
+            self._give_back(plan.kept.values())
+            plan.kept = {}
             return
         if plan.scan.path in COPY_LAST:
             plan.todo, plan.last = todo, True
-            self._last.append(plan)  # stored by _copy_last, at the end
+            self._last.append(plan)  # read by _read_last, after every other file
             return
+        limit = self.object_size
+        if plan.kind == "diff":
+            limit = self._burst_limit(sum(min(self.bs, size - b * self.bs) for b in todo))
+        reads_files = not plan.kept
         start = 0
         while start < len(todo):
-            job = self._job or self._new_job()
+            job = self._filling.get(reads_files) or self._new_job(reads_files)
             end, planned = start, 0
-            while end < len(todo) and (end == start or job.planned + planned < self.object_size):
+            while end < len(todo) and (end == start or job.planned + planned < limit):
                 planned += min(self.bs, max(0, size - todo[end] * self.bs))
                 end += 1
-            piece = Piece(path, todo[start:end])
+            blocks = todo[start:end]
+            piece = Piece(path, blocks, data=None if reads_files else [plan.kept.pop(b) for b in blocks])
             job.pieces.append(piece)
             job.planned += planned
             if plan.kind == "store":
                 job.counted += planned
             plan.pieces.append((piece, job))
             start = end
-            if job.planned >= self.object_size:
-                self._submit_job()
+            if job.planned >= limit:
+                self._submit_job(job)
+        job = self._filling.get(reads_files)
+        if plan.kind == "diff" and job is not None and job.planned >= MIN_BURST_OBJECT:
+            self._submit_job(job)  # the workers may be idle: no need to wait for more blocks to join it
 
-    def _new_job(self) -> _Job:
-        self._job = _Job(key=layout.data_key(self.label, self._next_number))
+    def _burst_limit(self, changed: int) -> int:
+        """The size of the objects holding one changed file's blocks, so that every worker shares them.
+
+        An incremental's changed blocks come file by file, each once its hashes
+        are in, while the workers wait for them (or still hash). Filling the
+        usual object_size would leave a file that changed a little to one
+        worker, compressing it alone after every other task is done: its blocks
+        are cut into ``parallel`` objects instead (no smaller than
+        MIN_BURST_OBJECT, so that small changes still share one) and sent at once.
+        """
+        return min(self.object_size, max(MIN_BURST_OBJECT, -(-changed // self.parallel)))
+
+    def _new_job(self, reads_files: bool) -> _Job:
+        job = self._filling[reads_files] = _Job(key=layout.data_key(self.label, self._next_number),
+                                                reads_files=reads_files)
         self._next_number += 1
-        return self._job
+        return job
 
     def _submit_job(self, job: _Job | None = None) -> None:
-        job = job or self._job
-        if job is None or job.future is not None:
+        """Send ``job`` to the workers; without one, the objects being filled."""
+        if job is None:
+            for filling in list(self._filling.values()):
+                self._submit_job(filling)
             return
-        if job is self._job:
-            self._job = None
+        if job.future is not None:
+            return
+        if self._filling.get(job.reads_files) is job:
+            del self._filling[job.reads_files]
         job.future = self._pool.submit(self._store, job)
         self._outstanding.add(job.future)
+        if job.reads_files:
+            self._readers.add(job.future)
 
     def _store(self, job: _Job) -> None:
         """In a worker: encode the job's pieces as one object and put it."""
@@ -289,6 +393,10 @@ class Copier:
             self.storage.put(job.key, encoder)
         finally:
             reader.close()
+            for piece in job.pieces:
+                if piece.data is not None:
+                    self._give_back(piece.data)
+                    piece.data = []  # stored: let the bytes go
         assert encoder.plaintext_sha256 is not None
         job.sha256 = encoder.plaintext_sha256
         job.stored = encoder.encoded_size
@@ -297,20 +405,28 @@ class Copier:
             self.stats.bytes_stored += job.stored
             self.progress.bytes_done += job.counted
 
-    def _copy_last(self) -> None:
-        """Files that must be read after all others (pg_control), in one last object."""
+    def _read_last(self) -> None:
+        """Read the files that must be read after all others (pg_control), now; store them in one last object."""
         if not self._last:
             return
-        job = self._new_job()
-        self._job = None
+        job = _Job(key=layout.data_key(self.label, self._next_number))
+        self._next_number += 1
         for plan in self._last:
-            piece = Piece(os.path.join(self.data_dir, plan.scan.path), plan.todo)
+            path = os.path.join(self.data_dir, plan.scan.path)
+            held = read_blocks(path, plan.todo, self.bs)
+            piece = Piece(path, plan.todo, data=held if held is not None else [], vanished=held is None)
             plan.pieces = [(piece, job)]
             job.pieces.append(piece)
             job.counted += plan.scan.size
         self._submit_job(job)
-        assert job.future is not None
-        job.future.result()
+        self._last_job = job
+
+    def _write_last(self) -> None:
+        """The files.jsonl lines of the files read last, in the places kept for them."""
+        if self._last_job is None:
+            return
+        assert self._last_job.future is not None
+        self._last_job.future.result()
         for plan in self._last:
             entry = self._entry(plan)
             if entry is not None and plan.place is not None:

@@ -4,12 +4,14 @@ Order matters, and is what makes a backup trustworthy:
 
 1. check the server, its role and the data directory; take the backup lock;
    delete leftovers of interrupted backups;
-2. pg_backup_start (immediate checkpoint), on a connection held open throughout;
-3. copy the data directory into data objects (see ``copy``), pg_control last;
+2. pg_backup_start (immediate checkpoint), on a connection held open throughout
+   (meanwhile the parent's file list is fetched and its first entries read);
+3. read the data directory into data objects (see ``copy``), pg_control last;
 4. pg_backup_stop: the stop LSN, and the backup_label / tablespace_map to restore;
-5. store files.jsonl;
-6. wait until the WAL from the start to the stop LSN is in the vault;
-7. write manifest.json — the commit: before it, no listing shows the backup.
+5. wait until the WAL from the start to the stop LSN is in the vault, while
+   the objects whose blocks were read already (an incremental's changed
+   blocks) are stored, then files.jsonl;
+6. write manifest.json — the commit: before it, no listing shows the backup.
 
 A failure anywhere leaves no manifest; this run deletes what it wrote when it
 can, and the next backup deletes whatever is left.
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
@@ -26,7 +30,7 @@ from typing import Callable, Iterator
 from pgvault import __version__, pg
 from pgvault.backup import layout
 from pgvault.backup.blockmap import merge_join
-from pgvault.backup.copy import OBJECT_SIZE, Copier, CopyProgress, CopyStats
+from pgvault.backup.copy import MAX_QUEUED_BLOCKS, MAX_QUEUED_ENTRIES, OBJECT_SIZE, Copier, CopyProgress, CopyStats
 from pgvault.backup.errors import BackupError
 from pgvault.backup.leftovers import find_leftovers, remove_leftovers
 from pgvault.backup.lock import BackupLock
@@ -46,7 +50,6 @@ from pgvault.backup.manifest import (
 from pgvault.backup.scan import ScanEntry, scan_data_dir
 from pgvault.backup.session import (
     BackupSession,
-    StopResult,
     archiver_hint,
     check_node,
     label_timeline,
@@ -159,22 +162,35 @@ def take_backup(
             for notice in remove_leftovers(storage, find_leftovers(storage)):
                 say(notice)
             session = BackupSession(conn, node.facts)
-            start_lsn, start_time = session.start(label)
-            copied = _copy(storage, session, label=label, data_dir=data_dir, major=node.facts.major_version,
-                           parent=parent, options=options, keyring=keyring, require_encryption=require_encryption,
-                           tmp_dir=tmp_dir, block_size=block_size, parallel=parallel, object_size=object_size,
-                           progress=progress)
-            stop, stats = copied.stop, copied.stats
-            timeline = label_timeline(stop.backup_label)
-            segments = wal_segments(timeline=timeline, start_lsn=start_lsn, stop_lsn=stop.stop_lsn,
-                                    segment_size=record.wal_segment_size)
 
-            def waiting(name: str) -> None:
-                if progress is not None:
-                    progress(BackupProgress("wal", stats.bytes_read, stats.bytes_read, stats.files, stats.files, name))
+            def prepare() -> _Copy:
+                return _Copy(storage, label=label, data_dir=data_dir, major=node.facts.major_version, parent=parent,
+                             options=options, keyring=keyring, require_encryption=require_encryption,
+                             tmp_dir=tmp_dir, block_size=block_size, parallel=parallel, object_size=object_size,
+                             progress=progress)
 
-            wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
-                         hint=lambda name: archiver_hint(conn, node.role, name), on_wait=waiting)
+            (start_lsn, start_time), copy = _while_starting(lambda: session.start(label), prepare)
+            try:
+                copy.read_all()
+                stop = session.stop()
+                timeline = label_timeline(stop.backup_label)
+                segments = wal_segments(timeline=timeline, start_lsn=start_lsn, stop_lsn=stop.stop_lsn,
+                                        segment_size=record.wal_segment_size)
+
+                def wait_wal(check: Callable[[], None]) -> None:
+                    def waiting(name: str) -> None:
+                        check()
+                        if progress is not None:
+                            s = copy.copier.stats
+                            progress(BackupProgress("wal", s.bytes_read, s.bytes_read, s.files, s.files, name))
+
+                    wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
+                                 hint=lambda name: archiver_hint(conn, node.role, name), on_wait=waiting)
+
+                copied = _while_finishing(copy.finish, wait_wal, abort=copy.copier.close)
+            finally:
+                copy.close()
+            stats = copied.stats
             manifest = Manifest(
                 format_version=FORMAT_VERSION, label=label, type="incr" if parent else "full",
                 requested_type=backup_type, parent=parent.label if parent else None,
@@ -207,44 +223,133 @@ def take_backup(
 @dataclass(frozen=True)
 class _Copied:
     stats: CopyStats
-    stop: StopResult
     files_sha256: str
     files_stored: int
     tablespaces: tuple[Tablespace, ...]
 
 
-def _copy(storage: Storage, session: BackupSession, *, label: str, data_dir: str, major: int,
-          parent: Manifest | None, options, keyring, require_encryption: bool, tmp_dir: str, block_size: int,
-          parallel: int, object_size: int, progress: Callable[[BackupProgress], None] | None) -> _Copied:
-    """Between pg_backup_start and the WAL wait: copy the files, stop the backup, store files.jsonl."""
-    tablespaces: list[Tablespace] = []
-    scan = _noting_tablespaces(scan_data_dir(data_dir, pg_major_version=major), tablespaces)
-    files_total, bytes_total = _totals(data_dir, major) if progress else (0, 0)
+class _Copy:
+    """The files of one backup: ``read_all`` between pg_backup_start and pg_backup_stop, then ``finish``.
 
-    def copy_progress(p: CopyProgress) -> None:
-        if progress is not None:
-            progress(BackupProgress("copy", min(p.bytes_done, bytes_total), bytes_total, p.files_done, files_total))
+    ``finish`` stores what is left (the objects whose blocks were read already,
+    then files.jsonl) and needs the server no more: it runs while the WAL is
+    awaited. ``close`` in any case.
+    """
 
-    spooled = None
-    writer = FilesWriter(tmp_dir)
-    try:
+    def __init__(self, storage: Storage, *, label: str, data_dir: str, major: int, parent: Manifest | None,
+                 options, keyring, require_encryption: bool, tmp_dir: str, block_size: int, parallel: int,
+                 object_size: int, progress: Callable[[BackupProgress], None] | None) -> None:
+        self.storage, self.label, self.options = storage, label, options
+        self.tablespaces: list[Tablespace] = []
+        scan = _noting_tablespaces(scan_data_dir(data_dir, pg_major_version=major), self.tablespaces)
+        files_total, bytes_total = _totals(data_dir, major) if progress else (0, 0)
+
+        def copy_progress(p: CopyProgress) -> None:
+            if progress is not None:
+                progress(BackupProgress("copy", min(p.bytes_done, bytes_total), bytes_total, p.files_done,
+                                        files_total))
+
+        self.spooled: SpooledFiles | None = None
+        self.writer = FilesWriter(tmp_dir)
+        self.copier = Copier(storage=storage, data_dir=data_dir, label=label, options=options, writer=self.writer,
+                             block_size=block_size, parallel=parallel, object_size=object_size,
+                             trust_mtime_before=parent.start_time.timestamp() - 1 if parent else None,
+                             progress=copy_progress)
         parents: Iterator[FileEntry] = iter(())
         if parent is not None:
-            spooled = SpooledFiles(storage, parent, keyring=keyring, require_encryption=require_encryption,
-                                   tmp_dir=tmp_dir)
-            parents = _checked(iter(spooled), parent)
-        copier = Copier(storage=storage, data_dir=data_dir, label=label, options=options, writer=writer,
-                        block_size=block_size, parallel=parallel, object_size=object_size,
-                        trust_mtime_before=parent.start_time.timestamp() - 1 if parent else None,
-                        progress=copy_progress)
-        stats = copier.run(merge_join(scan, parents))
-        stop = session.stop()
-        files_sha, _size, files_stored = writer.store(storage, layout.files_key(label), options=options)
-    finally:
-        writer.close()
-        if spooled is not None:
-            spooled.close()
-    return _Copied(stats, stop, files_sha, files_stored, tuple(tablespaces))
+            try:
+                self.spooled = SpooledFiles(storage, parent, keyring=keyring, require_encryption=require_encryption,
+                                            tmp_dir=tmp_dir)
+                parents = _ReadAhead(_checked(iter(self.spooled), parent))
+            except BaseException:
+                self.close()
+                raise
+        self.entries = merge_join(scan, parents)
+
+    def read_all(self) -> None:
+        self.copier.read_all(self.entries)
+
+    def finish(self) -> _Copied:
+        stats = self.copier.finish()
+        files_sha, _size, files_stored = self.writer.store(self.storage, layout.files_key(self.label),
+                                                           options=self.options)
+        return _Copied(stats, files_sha, files_stored, tuple(self.tablespaces))
+
+    def close(self) -> None:
+        """Stop storing (cancel what has not started, wait for what has) and drop the temporary files."""
+        self.copier.close()
+        self.writer.close()
+        if self.spooled is not None:
+            self.spooled.close()
+
+
+def _while_starting(start: Callable[[], tuple[int, datetime]],
+                    prepare: Callable[[], _Copy]) -> tuple[tuple[int, datetime], _Copy]:
+    """``start()`` (pg_backup_start) here, and ``prepare()`` in a thread meanwhile: (start's result, the copy).
+
+    pg_backup_start waits for a checkpoint, the session idle on its socket
+    (without the GIL): time enough to fetch the parent's file list and read its
+    first entries, off the reading's way. Nothing is read from the data
+    directory before the backup has started: the scan begins in ``read_all``.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-prepare") as pool:
+        preparing = pool.submit(prepare)
+        try:
+            started = start()
+        except BaseException:
+            try:
+                preparing.result().close()
+            except BaseException:  # noqa: BLE001 - the start's error is the one to report
+                pass
+            raise
+        return started, preparing.result()
+
+
+class _ReadAhead:
+    """An iterator over ``entries`` whose first ones (up to the copier's caps) are read at once."""
+
+    def __init__(self, entries: Iterator[FileEntry]) -> None:
+        self._entries = entries
+        self._ready: deque[FileEntry] = deque()
+        blocks = 0
+        while len(self._ready) < MAX_QUEUED_ENTRIES and blocks < MAX_QUEUED_BLOCKS:
+            entry = next(self._entries, None)
+            if entry is None:
+                break
+            self._ready.append(entry)
+            blocks += len(entry.blocks)
+
+    def __iter__(self) -> Iterator[FileEntry]:
+        return self
+
+    def __next__(self) -> FileEntry:
+        if self._ready:
+            return self._ready.popleft()
+        return next(self._entries)
+
+
+def _while_finishing(finish: Callable[[], _Copied], wait: Callable[[Callable[[], None]], None],
+                     abort: Callable[[], None]) -> _Copied:
+    """Run ``finish`` in a thread while ``wait(check)`` runs here; ``finish``'s result once both are done.
+
+    ``check`` raises the error ``finish`` failed with, if it has: a wait that
+    calls it between polls ends then. If ``wait`` fails, ``abort`` stops
+    ``finish`` and this returns only once it has: nothing may still be writing
+    objects when the backup's objects are deleted.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-finish") as pool:
+        finishing = pool.submit(finish)
+
+        def check() -> None:
+            if finishing.done():
+                finishing.result()
+
+        try:
+            wait(check)
+        except BaseException:
+            abort()
+            raise
+        return finishing.result()
 
 
 def _lock_and_label(storage: Storage, *, backup_type: str, block_size: int, lock_dir: str, keyring,
