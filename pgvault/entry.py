@@ -9,6 +9,7 @@ goes to the click CLI.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -65,18 +66,34 @@ def _fast_wal_push(argv: list[str]) -> bool:
         return False  # any doubt: take the full path, which reports errors properly
 
 
+def _exit_at_once(code: int) -> None:
+    """End a WAL command without the interpreter's teardown (freeing every module and object).
+
+    That teardown is ~5 ms of a ~50 ms sync wal-push, which PostgreSQL runs once
+    per segment. A WAL command leaves nothing to it: every file it writes is
+    closed (and fsynced) before it returns, and the workers it starts are
+    processes of their own. Only what it printed is still buffered.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more can be said on it
+            pass
+    os._exit(code)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if _fast_wal_push(argv):
-        sys.exit(0)
+        _exit_at_once(0)
     from pgvault import walcmd
 
     wal = walcmd.parse_wal_argv(argv)
     if wal is not None:  # archive_command / restore_command: no click, fewer imports
         config, debug, command, args = wal
         if command == "wal-push":
-            sys.exit(walcmd.run_wal_push(config, args[0], debug=debug))
-        sys.exit(walcmd.run_wal_fetch(config, args[0], args[1], debug=debug))
+            _exit_at_once(walcmd.run_wal_push(config, args[0], debug=debug))
+        _exit_at_once(walcmd.run_wal_fetch(config, args[0], args[1], debug=debug))
     from pgvault.cli import main as cli_main
 
     cli_main()
