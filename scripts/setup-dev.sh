@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what pgvault's development and test suite need on Debian 12, as root:
-# PostgreSQL 15 (if missing), Debian's python3-venv, zstd and pgbench tools, and a
+# PostgreSQL 15 (if missing), Debian's python3-venv, zstd, runuser, pkill and etcd, and a
 # venv with pgvault and its test extras. The venv lives outside any home
 # directory (default /opt/pgvault-venv) because the postgres user must be able to
 # run pgvault from it: archive_command and restore_command run as postgres.
@@ -15,6 +15,7 @@ command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ] && [ -x
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v runuser >/dev/null || need_apt+=(util-linux)
+command -v pkill >/dev/null || need_apt+=(procps)  # tests kill stray writers and Patroni children with pkill
 command -v etcd >/dev/null || need_apt+=(etcd-server)  # the Patroni failover test runs its own etcd on free ports
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup-dev: apt-get install ${need_apt[*]}"
