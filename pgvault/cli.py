@@ -341,17 +341,13 @@ def wal_prefetch(state: AppState, name: str, count: int) -> None:
 @pass_state
 def list_cmd(state: AppState, as_json: bool) -> None:
     """What the vault holds: backups, dumps, archived WAL per timeline (with gaps), the restorable window."""
-    from pgvault import context
     from pgvault.catalog import summarize_wal
     from pgvault.dump import list_dumps
     from pgvault.planner import describe_window, restorable_window
     from pgvault.snapshot import load_catalog
-    from pgvault.vault import require_vault_record
 
     settings = state.settings
-    storage = context.storage_for(settings)
-    record = require_vault_record(storage)
-    keyring = context.vault_keyring(settings, storage, record)
+    storage, record, keyring, _options = _archive_context(settings)
     loaded = load_catalog(storage, record=record, keyring=keyring)
     snapshot = loaded.snapshot
     dumps = list_dumps(storage, keyring, require_encryption=record.encryption_key_id is not None)

@@ -336,7 +336,6 @@ class EncodingReader(_SizedReader):
         self.encoded_size = 0
         self._source = source
         self._sha = hashlib.sha256()
-        self._known_digest: bytes | None = None
         self._size = 0
         self._chunk_size = chunk_size
         self._index = 0
@@ -404,8 +403,7 @@ class EncodingReader(_SizedReader):
         if not self._started:
             self._start(len(block))
         if block:
-            if self._known_digest is None:
-                self._sha.update(block)  # releases the GIL: zstd workers keep running
+            self._sha.update(block)  # releases the GIL: zstd workers keep running
             self._size += len(block)
             if self._compressor is None:
                 self._emit(block, final=False)
@@ -416,7 +414,7 @@ class EncodingReader(_SizedReader):
         if self._compressor is not None:
             for piece in self._compressor.finish():
                 self._emit(piece, final=False)
-        digest = self._known_digest if self._known_digest is not None else self._sha.digest()
+        digest = self._sha.digest()
         self._emit(_TRAILER.pack(TRAILER_MAGIC, self._size, digest), final=True)
         self.plaintext_sha256 = digest.hex()
         self.plaintext_size = self._size
@@ -464,13 +462,8 @@ def encode(
     threads: int = 2,
     key: VaultKey | None = None,
     chunk_size: int = CHUNK_SIZE,
-    known_sha256: str | None = None,
 ) -> EncodingReader:
     """Encode ``source`` as the object ``name``: returns a readable stream of the stored bytes.
-
-    ``known_sha256``: the caller already hashed exactly these bytes (held in
-    memory, so they cannot change), and this encoder skips hashing them again;
-    the size is still counted, and the checksum is verified on every read.
 
     ``key`` is the vault key to encrypt with (``Keyring.current``), or None for
     no encryption. ``threads`` is zstd's worker count (0: compress in this
@@ -478,12 +471,9 @@ def encode(
     After the stream is exhausted, ``.plaintext_sha256`` and ``.plaintext_size``
     hold what the caller records (e.g. in a manifest).
     """
-    reader = EncodingReader(
+    return EncodingReader(
         source, name=name, compression=compression, level=level, threads=threads, key=key, chunk_size=chunk_size
     )
-    if known_sha256 is not None:
-        reader._known_digest = bytes.fromhex(known_sha256)
-    return reader
 
 
 class _Hasher:

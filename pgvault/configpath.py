@@ -1,7 +1,7 @@
-"""Where the config file is, and the environment variable of each key.
+"""Where the config file is, the environment variable of each key, and a scanner for plain TOML.
 
-Kept apart from `config` (which builds dataclasses) so the archive_command fast
-path can find its three settings with nothing heavier than tomllib.
+Kept apart from `config` (its settings records and checks) so the archive_command
+fast path can find its three settings with the standard library's os alone.
 """
 
 from __future__ import annotations

@@ -34,8 +34,6 @@ def _fast_wal_push(argv: list[str]) -> bool:
     if parsed is None:
         return False
     try:
-        import os
-
         from pgvault import configpath
         from pgvault.spool import Spool
 
