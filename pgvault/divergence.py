@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pgvault.errors import WalFormatError
-from pgvault.wal import HistoryEntry, format_lsn, parse_lsn
+from pgvault.wal import HistoryEntry, format_lsn, parse_lsn, timeline_of_lsn
 
 
 def timeline_path(timeline: int, history: Sequence[HistoryEntry]) -> list[tuple[int, int, int | None]]:
@@ -38,13 +38,6 @@ def timeline_path(timeline: int, history: Sequence[HistoryEntry]) -> list[tuple[
     return path
 
 
-def _timeline_at(path: list[tuple[int, int, int | None]], lsn: int) -> int:
-    for tli, start, end in path:
-        if start <= lsn and (end is None or lsn < end):
-            return tli
-    return path[-1][0]
-
-
 def fork_point(node_timeline: int, node_history: Sequence[HistoryEntry],
                primary_timeline: int, primary_history: Sequence[HistoryEntry]) -> int | None:
     """The first LSN whose WAL the node and the primary read from different timelines (None: they never part).
@@ -53,11 +46,9 @@ def fork_point(node_timeline: int, node_history: Sequence[HistoryEntry],
     are step functions of the LSN that only change at switch points, so it is
     enough to compare them at 0 and at each switch point, in order.
     """
-    node_path = timeline_path(node_timeline, node_history)
-    primary_path = timeline_path(primary_timeline, primary_history)
     points = sorted({0} | {e.switch_lsn for e in node_history} | {e.switch_lsn for e in primary_history})
     for lsn in points:
-        if _timeline_at(node_path, lsn) != _timeline_at(primary_path, lsn):
+        if timeline_of_lsn(lsn, node_timeline, node_history) != timeline_of_lsn(lsn, primary_timeline, primary_history):
             return lsn
     return None
 

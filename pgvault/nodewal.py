@@ -15,11 +15,12 @@ import os
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from pgvault import pg
+from pgvault.archive import file_sha256, write_verified
+from pgvault.catalog import ArchivedWal
 from pgvault.divergence import (
     ControlData,
     TailSummary,
@@ -123,8 +124,8 @@ class Divergence:
         return self.summary is not None and self.summary.records > 0
 
 
-def _segments_available(wal_dir: str, storage: Storage, *, timeline: int, first: int, segment_size: int,
-                        record: VaultRecord) -> tuple[dict[int, str], dict[int, Any]]:
+def _segments_available(wal_dir: str, archived_wal: Sequence[ArchivedWal], *, timeline: int, first: int,
+                        segment_size: int) -> tuple[dict[int, str], dict[int, ArchivedWal]]:
     """Segments of ``timeline`` from ``first`` on: in pg_wal (segno → path) and archived (segno → ArchivedWal)."""
     local = {}
     for name in os.listdir(wal_dir) if os.path.isdir(wal_dir) else ():
@@ -137,13 +138,8 @@ def _segments_available(wal_dir: str, storage: Storage, *, timeline: int, first:
         if wal.kind == "segment" and wal.timeline == timeline and wal.segno >= first:
             local[wal.segno] = os.path.join(wal_dir, name)
     archived = {}
-    from pgvault.catalog import WAL_PREFIX, parse_wal_key
-
-    prefix_tli = f"{timeline:08X}"
-    for info in storage.list(WAL_PREFIX + prefix_tli):
-        entry = parse_wal_key(info.key, segment_size=segment_size)
-        if entry is not None and entry.file.kind == "segment" and entry.timeline == timeline \
-                and entry.file.segno >= first:
+    for entry in archived_wal:
+        if entry.file.kind == "segment" and entry.timeline == timeline and entry.file.segno >= first:
             archived.setdefault(entry.file.segno, entry)
     return local, archived
 
@@ -169,8 +165,11 @@ def _waldump(waldump: str, directory: str, *, timeline: int, start: int, end: in
 
 
 def find_tail(data_dir: str, node: NodeState, *, primary: PrimaryInfo, waldump: str, workdir: str,
-              storage: Storage, record: VaultRecord, keyring) -> Divergence:
-    """Where the node parted from the primary, and the WAL it holds beyond (files gathered into ``workdir``)."""
+              storage: Storage, archived_wal: Sequence[ArchivedWal], record: VaultRecord, keyring) -> Divergence:
+    """Where the node parted from the primary, and the WAL it holds beyond (files gathered into ``workdir``).
+
+    ``archived_wal`` is the vault's WAL index (the loaded catalog's): the copies the node had archived.
+    """
     fork = fork_point(node.timeline, node.history, primary.timeline, primary.history)
     same_timeline = fork is None and node.timeline == primary.timeline
     if same_timeline:
@@ -189,10 +188,9 @@ def find_tail(data_dir: str, node: NodeState, *, primary: PrimaryInfo, waldump: 
     fork_timeline = stretches[0][0]
     for tli, start, end in stretches:
         first = lsn_to_segno(start, segment_size=size)
-        local, archived = _segments_available(wal_dir, storage, timeline=tli, first=first, segment_size=size,
-                                              record=record)
-        if same_timeline:
-            archived = {}
+        # same timeline: the vault's copies of it are the primary's, not the node's
+        local, archived = _segments_available(wal_dir, () if same_timeline else archived_wal, timeline=tli,
+                                              first=first, segment_size=size)
         last_known = max([*local, *archived], default=first - 1)
         if end is not None:
             last_known = min(last_known, lsn_to_segno(max(end - 1, start), segment_size=size))
@@ -210,8 +208,6 @@ def find_tail(data_dir: str, node: NodeState, *, primary: PrimaryInfo, waldump: 
                 os.symlink(local[segno], path)
                 staged[segno] = SegmentSource(name, local[segno], "pg_wal")
             elif segno in archived:
-                from pgvault.archive import write_verified
-
                 write_verified(storage, archived[segno], path, keyring=keyring,
                                require_encryption=record.encryption_key_id is not None)
                 staged[segno] = SegmentSource(name, path, "vault")
@@ -241,9 +237,7 @@ def keep_tail(divergence: Divergence, *, data_dir: str, node: NodeState, primary
               notify: Callable[[str], None]) -> tuple[OrphanRecord, bool]:
     """Store the tail under orphans/ (or find it already there); (record, newly stored)."""
     assert divergence.diverged and divergence.summary is not None and divergence.fork_lsn is not None
-    from pgvault.orphans import _sha256_file
-
-    contents = {s.name: _sha256_file(s.path)[0] for s in divergence.segments}
+    contents = {s.name: file_sha256(s.path)[0] for s in divergence.segments}
     existing = find_same_tail(list_orphans(storage, keyring=keyring, require_encryption=require_encryption),
                               system_identifier=node.control.system_identifier,
                               fork_timeline=divergence.fork_timeline or 0, fork_lsn=divergence.fork_lsn,

@@ -16,17 +16,17 @@ then a scratch node: see the README).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from pgvault import codec
+from pgvault.archive import file_sha256
 from pgvault.errors import ObjectExistsError, ObjectNotFoundError, PgvaultError
 from pgvault.storage import Storage
 from pgvault.wal import format_lsn
@@ -151,18 +151,9 @@ class SegmentSource:
     source: str  # "pg_wal" | "vault"
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
 def store_segment(storage: Storage, orphan_id: str, segment: SegmentSource, *, options) -> KeptSegment:
     """Store one segment (write-once: an identical object already there counts as stored)."""
-    sha, size = _sha256_file(segment.path)
+    sha, size = file_sha256(segment.path)
     key = format_segment_key(orphan_id, segment.name, sha256=sha, size=size)
     with open(segment.path, "rb") as f:
         encoder = codec.encode(f, name=key, compression=options.compression, level=options.level,
@@ -184,14 +175,10 @@ def store_orphan(storage: Storage, record: OrphanRecord, segments: list[SegmentS
     for number, segment in enumerate(segments, start=1):
         notify(f"keeping {segment.name} ({number} of {len(segments)}, from {segment.source})")
         kept.append(store_segment(storage, record.id, segment, options=options))
-    from dataclasses import replace
+    from pgvault.backup.manifest import write_record
 
     record = replace(record, segments=tuple(kept))
-    key = record_key(record.id)
-    blob = record.to_json()
-    encoder = codec.encode(io.BytesIO(blob), name=key, compression=options.compression, level=options.level,
-                           threads=0, key=options.key)
-    storage.put(key, encoder)
+    write_record(storage, record_key(record.id), io.BytesIO(record.to_json()), options=options)
     return record
 
 
@@ -244,7 +231,7 @@ def fetch_orphan(storage: Storage, orphan_id: str, dest_dir: str, *, keyring,
     for seg in record.segments:
         dest = os.path.join(dest_dir, seg.name)
         if os.path.lexists(dest):
-            if os.path.isfile(dest) and _sha256_file(dest) == (seg.sha256, seg.size):
+            if os.path.isfile(dest) and file_sha256(dest) == (seg.sha256, seg.size):
                 written.append(dest)
                 continue
             raise PgvaultError(f"{dest} exists with other content; not overwritten",

@@ -315,7 +315,8 @@ def reseed(
                 os.chown(workdir, user.pw_uid, user.pw_gid)
             try:
                 divergence = find_tail(data_dir, node, primary=primary, waldump=waldump, workdir=workdir,
-                                       storage=storage, record=record, keyring=keyring)
+                                       storage=storage, archived_wal=loaded.snapshot.wal, record=record,
+                                       keyring=keyring)
                 if divergence.diverged:
                     s = divergence.summary
                     assert s is not None and divergence.fork_lsn is not None

@@ -26,7 +26,7 @@ from datetime import UTC, timedelta
 import pytest
 
 from pgvault.targets import format_time
-from pgvault.wal import parse_history
+from pgvault.wal import format_lsn, parse_history
 from tests.archive_env import archive_command, make_archive_env
 from tests.clihelp import run_pgvault
 from tests.fixtures.pgcluster import (
@@ -190,10 +190,10 @@ def test_reseed_keeps_the_old_primarys_tail_and_makes_it_stream_from_the_new_one
     assert sorted(tail) == list(range(151, 181))
     assert result["action"] == "reseeded"
     assert result["divergence"]["diverged"] is True
-    assert result["divergence"]["fork_lsn"] == format_lsn_(story["switch"])
+    assert result["divergence"]["fork_lsn"] == format_lsn(story["switch"])
     orphan = result["orphan"]
     assert orphan["newly_kept"] is True
-    assert orphan["fork_lsn"] == format_lsn_(story["switch"]) and orphan["fork_timeline"] == 1
+    assert orphan["fork_lsn"] == format_lsn(story["switch"]) and orphan["fork_timeline"] == 1
     assert orphan["primary_timeline"] == 2
     assert orphan["commits"] == len(tail)  # exactly A's unreplicated transactions
     assert orphan["first_commit_time"] == min(tail.values()).astimezone(UTC).isoformat()
@@ -244,12 +244,6 @@ def test_point_in_time_restores_after_the_failover_are_exact_on_both_timelines(s
     _result, restored = restore_rows(env, format_time(moment), "--timeline", "1")
     check(f"a time on timeline 1 before the fork ({format_time(moment)})", restored,
           {i for i, ts in before_fork.items() if ts <= moment})
-
-
-def format_lsn_(lsn: int) -> str:
-    from pgvault.wal import format_lsn
-
-    return format_lsn(lsn)
 
 
 @pytest.mark.integration
