@@ -473,16 +473,19 @@ class Daemon:
         listen = self.settings.metrics.listen
         if listen == self._metrics_listen:
             return
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-            self._metrics_server = None
-            self._metrics_listen = ""
+        self._stop_metrics()
         if listen:
             from pgvault.metrics import registry_for, serve
 
             self._metrics_server = serve(listen, registry_for(self._current_report))
             self._metrics_listen = listen
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        self._metrics_listen = ""
 
     def _current_report(self) -> StatusReport | None:
         """The last collected facts with the jobs as they are now (a skip shows at once, without a vault listing)."""
@@ -527,9 +530,7 @@ class Daemon:
         dropped = self.queue.clear()
         if dropped:
             self.log("jobs_dropped", f"not started: {', '.join(dropped)}", jobs=dropped)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        self._stop_metrics()
         if self._lock is not None:
             self._lock.release()
         if self._started:

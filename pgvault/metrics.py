@@ -42,11 +42,9 @@ def families(report: StatusReport) -> list:
         _gauge("daemon_running", "1 when a pgvault daemon holds this node's lock", 1 if report.daemon_pid else 0),
         _gauge("status_collected_timestamp_seconds", "When these facts were read", _ts(report.collected_at)),
         _gauge("status_errors", "Parts of the status that could not be read (see pgvault status)", len(report.errors)),
+        _gauge("node_is_primary", "1 on a primary, 0 on a standby",
+               None if report.role is None else int(report.role == "primary")),
     ]
-    role = GaugeMetricFamily(PREFIX + "node_is_primary", "1 on a primary, 0 on a standby", labels=[])
-    if report.role is not None:
-        role.add_metric([], 1 if report.role == "primary" else 0)
-    out.append(role)
 
     per_job = {
         "last_success_timestamp_seconds": ("When the job last succeeded on this node", "last_success"),

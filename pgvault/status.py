@@ -278,11 +278,10 @@ def collect_status(settings, *, now: datetime | None = None, next_runs: dict[str
     errors: list[str] = []
     values: dict[str, Any] = {
         "collected_at": now, "cluster": settings.vault.cluster, "jobs": store.read_jobs(),
-        "drill": store.read_drill(), "next_runs": dict(next_runs or {}),
+        "drill": store.read_drill(),
+        "next_runs": dict(next_runs) if next_runs is not None else _next_runs(settings.schedule, now),
         "daemon_pid": daemon_pid if daemon_pid is not None else _running_daemon(settings),
     }
-    if next_runs is None:
-        values["next_runs"] = _next_runs(settings.schedule, now)
     try:
         values.update(_vault_facts(settings))
     except PgvaultError as exc:
@@ -291,7 +290,6 @@ def collect_status(settings, *, now: datetime | None = None, next_runs: dict[str
         values.update(_server_facts(settings, segment_size=values.pop("_segment_size", None)))
     except PgvaultError as exc:
         errors.append(f"PostgreSQL: {exc.message}")
-    values.pop("_segment_size", None)
     return StatusReport(errors=tuple(errors), **values)
 
 

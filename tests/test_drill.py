@@ -14,6 +14,7 @@ from pgvault.drill import Transaction, WalScan, newest_transaction, rpo_seconds
 from tests.archive_env import make_archive_env
 from tests.clihelp import run_pgvault
 from tests.fixtures.pgcluster import PG_USER
+from tests.test_verify import flip_byte
 
 WALDUMP = """\
 rmgr: Heap        len (rec/tot):     59/    59, tx:        740, lsn: 0/03000108, prev 0/030000D0, desc: INSERT off 3
@@ -154,12 +155,7 @@ def test_a_corrupt_backup_object_fails_the_drill_and_leaves_no_scratch(env):
     label = json.loads(res.out)["label"]
     env.wait_archived(env.switch())
     data = sorted(i.key for i in env.storage.list(f"backups/{label}/data/"))
-    path = os.path.join(env.base, "vault", "main", data[0])
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(os.path.join(env.base, "vault", "main", data[0]))
     res = env.pgvault("drill")
     assert res.code == 112, res.err
     assert "pgvault: error: drill failed: " in res.err and data[0].split("/")[-1] in res.err
