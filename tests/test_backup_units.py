@@ -895,6 +895,8 @@ def _changed_data_dir(tmp_path, storage):
 def test_an_incremental_has_read_every_file_when_read_all_returns(tmp_path, monkeypatch, keep_bytes):
     """What is stored is what was read before the backup stopped: changed blocks kept from the comparison
     pass, or (past KEEP_BYTES) read again from their file, but before read_all returns in either case."""
+    import time
+
     from pgvault.backup import copy as copy_module
 
     if keep_bytes is not None:
@@ -902,15 +904,26 @@ def test_an_incremental_has_read_every_file_when_read_all_returns(tmp_path, monk
     storage = LocalStorage(str(tmp_path / "vault"))
     data, big, full = _changed_data_dir(tmp_path, storage)
     expected = backed_up(data)
+    put = storage.put
+
+    def slow_put(key, source):  # objects still being stored when read_all returns, unless it waited for them
+        time.sleep(0.1)
+        return put(key, source)
+
+    monkeypatch.setattr(storage, "put", slow_put)
 
     label = "20261127T203001ZI"
     writer = FilesWriter(str(tmp_path / "spool"))
     parents = iter(SpooledFiles(storage, full, keyring=None, require_encryption=False, tmp_dir=str(tmp_path / "spool")))
+    # One worker: the object of kept blocks is stored after the one read from files, once read_all may return.
     copier = Copier(storage=storage, data_dir=data, label=label, options=OPTIONS, writer=writer, block_size=64 * KIB,
-                    parallel=2, object_size=4 << 20, trust_mtime_before=full.start_time.timestamp() - 1)
+                    parallel=1, object_size=4 << 20, trust_mtime_before=full.start_time.timestamp() - 1)
     copier.read_all(merge_join(scan_data_dir(data, pg_major_version=15), parents))
-    for path in (big, os.path.join(data, "base/1/1260"), os.path.join(data, "global/pg_control")):
-        with open(path, "r+b") as f:  # written after the backup stopped: WAL replay's business, not the backup's
+    # Written after the backup stopped: WAL replay's business, not the backup's (big: in a changed block).
+    for path, offset in ((big, 7 * 64 * KIB), (os.path.join(data, "base/1/1260"), 0),
+                         (os.path.join(data, "global/pg_control"), 0)):
+        with open(path, "r+b") as f:
+            f.seek(offset)
             f.write(b"\0" * 300)
     stats = copier.finish()
     sha, _size, stored = writer.store(storage, layout.files_key(label), options=OPTIONS)

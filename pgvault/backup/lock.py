@@ -40,10 +40,11 @@ class LockHolder:
 
     def describe(self) -> str:
         # Dumps (labels ending in D) and expire ("expire-…") hold the same lock: one heavy job per vault at a time.
-        job = "expire" if self.label.startswith("expire-") else "dump" if self.label.endswith("D") else "backup"
-        if job == "expire":
-            return f"expire (pid {self.pid} on {self.host}, started {self.started_at})"
-        return f"{job} {self.label} (pid {self.pid} on {self.host}, started {self.started_at})"
+        if self.label.startswith("expire-"):
+            job = "expire"
+        else:
+            job = f"{'dump' if self.label.endswith('D') else 'backup'} {self.label}"
+        return f"{job} (pid {self.pid} on {self.host}, started {self.started_at})"
 
 
 def _read_text(path: str) -> str:

@@ -597,8 +597,11 @@ def _run_bounded(fn, items, *, threads: int) -> None:
         _submit_bounded(pool, fn, items, limit=4 * threads)
 
 
-def _submit_bounded(pool: ThreadPoolExecutor, fn, items, *, limit: int) -> None:
-    """fn(item) on ``pool`` for every item, at most ``limit`` submitted and unfinished; the first error is raised."""
+def _submit_bounded(pool: ThreadPoolExecutor, fn, items, *, limit: int, done: Callable | None = None) -> None:
+    """fn(item) on ``pool`` for every item, at most ``limit`` submitted and unfinished; the first error is raised.
+
+    ``done(result)`` is called here, in the caller's thread, for each finished one.
+    """
     running: set[Future] = set()
     try:
         for item in items:
@@ -606,9 +609,13 @@ def _submit_bounded(pool: ThreadPoolExecutor, fn, items, *, limit: int) -> None:
             while len(running) >= limit:
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    f.result()
+                    result = f.result()
+                    if done is not None:
+                        done(result)
         for f in running:
-            f.result()
+            result = f.result()
+            if done is not None:
+                done(result)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
@@ -837,24 +844,15 @@ def _reconcile(manifest, dest_dir, index, locations, *, parallel, progress, tota
     # finish together instead of one hashing the biggest file alone at the end.
     rows = index.execute("SELECT path, mode, size, file_id, blocks FROM entries WHERE type = 'file' "
                          "ORDER BY size DESC, seq")
+
+    def compare(row) -> tuple[int, int, list[int], int]:
+        path, mode, size, file_id, hashes_json = row
+        return _compare_file(os.path.join(dest_dir, path), file_id, size, mode, json.loads(hashes_json), bs,
+                             hash_fn, report)
+
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-compare") as pool:
-        running: set[Future] = set()
-        try:
-            for path, mode, size, file_id, hashes_json in _iter(rows):
-                if file_id in created:
-                    continue
-                expected = json.loads(hashes_json)
-                running.add(pool.submit(_compare_file, os.path.join(dest_dir, path), file_id, size, mode, expected,
-                                        bs, hash_fn, report))
-                while len(running) >= 2 * parallel:
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        compared(*f.result())
-            for f in running:
-                compared(*f.result())
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        _submit_bounded(pool, compare, (row for row in _iter(rows) if row[3] not in created), limit=2 * parallel,
+                        done=lambda result: compared(*result))
     index.commit()
     return kept, fetched, checked, wanted_bytes
 
