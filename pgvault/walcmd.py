@@ -51,6 +51,13 @@ def print_error(exc: PgvaultError) -> None:
         print(f"HINT: {exc.hint}", file=sys.stderr)
 
 
+def load_wal_settings(config_path: str | None):
+    """Settings as the WAL commands need them: the daemon's sections are not checked (see load_settings)."""
+    from pgvault.config import load_settings
+
+    return load_settings(config_path, check_daemon_sections=False)
+
+
 def archive_context(settings):
     """Storage, vault record, keyring and codec options: what every command reading or writing objects needs.
 
@@ -115,9 +122,7 @@ def wal_fetch(settings, name: str, dest: str, *, config_path: str | None) -> Non
 def run_wal_push(config_path: str | None, path: str, *, debug: bool = False, settings=None) -> int:
     try:
         if settings is None:
-            from pgvault.config import load_settings
-
-            settings = load_settings(config_path)
+            settings = load_wal_settings(config_path)
         wal_push(settings, path, config_path=config_path)
         return 0
     except PgvaultError as exc:
@@ -137,9 +142,7 @@ def run_wal_fetch(config_path: str | None, name: str, dest: str, *, debug: bool 
 
     try:
         if settings is None:
-            from pgvault.config import load_settings
-
-            settings = load_settings(config_path)
+            settings = load_wal_settings(config_path)
         wal_fetch(settings, name, dest, config_path=config_path)
         return 0
     except WalNotFoundError:
