@@ -103,27 +103,39 @@ def _store(storage: Storage, key: str, source) -> bool:
 def _push_in_memory(path: str, name: str, *, storage: Storage, record: VaultRecord, options: CodecOptions,
                     completed_ms: int, started: float) -> PushResult:
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        # A segment is never rewritten once complete, so mapping it is as good as reading it.
+        before = os.fstat(f.fileno())
+        size = before.st_size
+        # A completed segment is not rewritten while it waits for archiving, so mapping it is
+        # as good as reading it; that it did not change is checked below all the same.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    try:
-        # Already archived (PostgreSQL retrying after a crash, a push-ahead race): compare, don't compress.
-        for existing in find_archived(storage, name, segment_size=record.wal_segment_size):
-            sha = hashlib.sha256(data).hexdigest()
-            if existing.sha256 == sha:
-                return PushResult(name, existing.key, sha, size, True, time.monotonic() - started)
-            raise divergence_error(name, theirs=existing.sha256, ours=sha)
-        prepared = codec.prepare_payload(data, compression=options.compression, level=options.level,
-                                         threads=options.threads)
-        sha = prepared.plaintext_sha256
-        key = format_wal_key(name, sha256=sha, completed_ms=completed_ms, size=size)
-        stored = b"".join(codec.frame_payload(prepared, name=key, key=options.key))
-        del prepared  # the payload may be a view of the mapping, which closes below
-        fresh = _store(storage, key, io.BytesIO(stored))
-        return PushResult(name, key, sha, size, not fresh, time.monotonic() - started)
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
+        try:
+            # Already archived (PostgreSQL retrying after a crash, a push-ahead race): compare, don't compress.
+            for existing in find_archived(storage, name, segment_size=record.wal_segment_size):
+                sha = hashlib.sha256(data).hexdigest()
+                if existing.sha256 == sha:
+                    return PushResult(name, existing.key, sha, size, True, time.monotonic() - started)
+                raise divergence_error(name, theirs=existing.sha256, ours=sha)
+            prepared = codec.prepare_payload(data, compression=options.compression, level=options.level,
+                                             threads=options.threads)
+            sha = prepared.plaintext_sha256
+            key = format_wal_key(name, sha256=sha, completed_ms=completed_ms, size=size)
+            stored = b"".join(codec.frame_payload(prepared, name=key, key=options.key))
+            del prepared  # the payload may be a view of the mapping, which closes below
+            # Hashed and compressed at the same time from the mapping: had the file changed
+            # meanwhile, the checksum could disagree with the bytes. Nothing is stored then.
+            after = os.fstat(f.fileno())
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise changed_error(path)
+            fresh = _store(storage, key, io.BytesIO(stored))
+            return PushResult(name, key, sha, size, not fresh, time.monotonic() - started)
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+
+
+def changed_error(path: str) -> PgvaultError:
+    # PostgreSQL never rewrites a completed file; if it changed under us, say so loudly.
+    return PgvaultError(f"WAL file {path} changed while it was being archived; not archived")
 
 
 def push_wal_file(path: str, *, storage: Storage, record: VaultRecord, options: CodecOptions) -> PushResult:
@@ -148,9 +160,8 @@ def push_wal_file(path: str, *, storage: Storage, record: VaultRecord, options: 
         if not _store(storage, key, encoder):
             return PushResult(name, key, sha, size, True, time.monotonic() - started)
     if encoder.plaintext_sha256 != sha or encoder.plaintext_size != size:
-        # PostgreSQL never rewrites a completed file; if it changed under us, say so loudly.
         storage.delete(key)
-        raise PgvaultError(f"WAL file {path} changed while it was being archived; not archived")
+        raise changed_error(path)
     return PushResult(name, key, sha, size, False, time.monotonic() - started)
 
 

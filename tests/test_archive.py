@@ -67,6 +67,39 @@ def test_repush_is_idempotent_and_divergence_is_refused(env):
     assert {i.key for i in env.storage.list("wal/")} == before  # nothing overwritten or added
 
 
+def test_a_segment_that_changes_while_it_is_pushed_is_not_archived(pg_cluster, pg_tmp, monkeypatch):
+    from pgvault import archive, context
+    from pgvault.config import load_settings
+    from pgvault.errors import PgvaultError
+    from pgvault.storage.local import LocalStorage
+    from pgvault.vault import require_vault_record
+
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local")
+    name = env.switch()
+    env.wait_archived(name)
+    copy = os.path.join(scratch(env, "changing"), name)
+    assert env.pgvault("wal-fetch", name, copy).code == 0
+    os.utime(copy, (time.time() - 3600,) * 2)  # completed an hour ago: a write now shows in its mtime
+    record = require_vault_record(context.storage_for(load_settings(env.config)))
+    empty = LocalStorage(os.path.join(env.base, "other vault", "main"), create=True)
+    real_prepare = archive.codec.prepare_payload
+
+    def written_to_meanwhile(data, **kw):
+        prepared = real_prepare(data, **kw)
+        with open(copy, "r+b") as f:  # a recycled segment being rewritten, say
+            f.seek(8192)
+            f.write(b"\xff" * 16)
+        return prepared
+
+    monkeypatch.setattr(archive.codec, "prepare_payload", written_to_meanwhile)
+    with pytest.raises(PgvaultError, match=f"WAL file {copy} changed while it was being archived"):
+        archive.push_wal_file(copy, storage=empty, record=record, options=archive.CodecOptions())
+    assert [info.key for info in empty.list("wal/")] == []
+    monkeypatch.setattr(archive.codec, "prepare_payload", real_prepare)
+    pushed = archive.push_wal_file(copy, storage=empty, record=record, options=archive.CodecOptions())
+    assert [info.key for info in empty.list("wal/")] == [pushed.key]  # unchanged since: archived
+
+
 def test_foreign_cluster_segment_is_refused(env, pg_factory):
     other = pg_factory.create(fresh=True, start=False)
     work = scratch(env, "foreign")
