@@ -95,3 +95,20 @@ spool_dir = "{base}/spool"
     cluster.set(archive_command=archive_command(config))
     cluster.reload()
     return env
+
+
+def new_master_key(path: str) -> str:
+    """A master key file made by `pgvault key generate` as postgres (its directory must exist); returns ``path``."""
+    res = run_pgvault("key", "generate", path, as_postgres=True)
+    assert res.code == 0, res.err
+    return path
+
+
+def make_encrypted_archive_env(cluster: PgCluster, pg_tmp: str) -> tuple[ArchiveEnv, str]:
+    """A local-vault ArchiveEnv encrypted with a new master key; (env, the key file)."""
+    base = os.path.join(pg_tmp, "dir with space")
+    os.makedirs(base, exist_ok=True)
+    chown_tree(pg_tmp)
+    key_file = new_master_key(os.path.join(base, "master.key"))
+    env = make_archive_env(cluster, pg_tmp, backend="local", extra=f'[encryption]\nkey_file = "{key_file}"')
+    return env, key_file

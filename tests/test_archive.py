@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.archive_env import make_archive_env
+from tests.archive_env import make_archive_env, make_encrypted_archive_env, new_master_key
 from tests.clihelp import run_pgvault
 from tests.fixtures.pgcluster import as_pg_user, chown_tree
 
@@ -370,14 +370,8 @@ def test_prefetch_fills_the_spool_for_the_next_segments(pg_cluster, pg_tmp):
 
 
 def test_encrypted_archive_round_trip_and_wrong_key(pg_cluster, pg_tmp):
-    base = os.path.join(pg_tmp, "dir with space")
-    os.makedirs(base)
-    key_file = os.path.join(base, "master.key")
-    other_key = os.path.join(base, "other.key")
-    chown_tree(pg_tmp)
-    assert run_pgvault("key", "generate", key_file, as_postgres=True).code == 0
-    assert run_pgvault("key", "generate", other_key, as_postgres=True).code == 0
-    env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra=f'[encryption]\nkey_file = "{key_file}"')
+    env, key_file = make_encrypted_archive_env(pg_cluster, pg_tmp)
+    other_key = new_master_key(os.path.join(env.base, "other.key"))
     name = env.switch()
     env.wait_archived(name)
     (entry,) = [i for i in env.storage.list("wal/") if i.key.split("/")[-1].startswith(name + ".")]

@@ -340,14 +340,9 @@ def test_tablespaces_are_backed_up_and_restored_to_a_new_location(local_env, pg_
 
 
 def test_encrypted_vault_backs_up_encrypted_objects(pg_tmp, pg_cluster):
-    from tests.clihelp import run_pgvault
+    from tests.archive_env import make_encrypted_archive_env
 
-    base = os.path.join(pg_tmp, "dir with space")
-    os.makedirs(base)
-    key_file = os.path.join(base, "master.key")
-    chown_tree(pg_tmp)
-    assert run_pgvault("key", "generate", key_file, as_postgres=True).code == 0
-    env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra=f'[encryption]\nkey_file = "{key_file}"')
+    env, _key_file = make_encrypted_archive_env(pg_cluster, pg_tmp)
     result = backup(env)
     from pgvault.codec import read_header
 

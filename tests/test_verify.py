@@ -234,17 +234,10 @@ def test_verify_catches_a_flipped_byte_and_a_missing_segment(pg_tmp, pg_cluster)
 @pytest.mark.integration
 def test_an_encrypted_vault_verifies_and_an_unencrypted_stand_in_is_named(pg_tmp, pg_cluster):
     from pgvault import codec
-    from tests.archive_env import make_archive_env
-    from tests.clihelp import run_pgvault
-    from tests.fixtures.pgcluster import chown_tree
+    from tests.archive_env import make_encrypted_archive_env
     from tests.test_restore import archive_now, backup
 
-    base = os.path.join(pg_tmp, "dir with space")
-    os.makedirs(base)
-    key_file = os.path.join(base, "master.key")
-    chown_tree(pg_tmp)
-    assert run_pgvault("key", "generate", key_file, as_postgres=True).code == 0
-    env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra=f'[encryption]\nkey_file = "{key_file}"')
+    env, _key_file = make_encrypted_archive_env(pg_cluster, pg_tmp)
     full = backup(env)
     archive_now(env)
     res = env.pgvault("verify", "--read-wal", "--json")
