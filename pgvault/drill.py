@@ -239,9 +239,8 @@ def newest_archived_transaction(storage, plan, *, keyring, require_encryption: b
     from pgvault.archive import write_verified
     from pgvault.wal import segno_start_lsn
 
-    tools = [p for p in pg.pg_program_candidates("pg_waldump", bin_dir=bin_dir, major=major)
-             if pg.program_major(p) == major]
-    if not tools:
+    waldump = pg.find_program("pg_waldump", bin_dir=bin_dir, major=major)
+    if waldump is None:
         return WalScan(None, None)
     segments = [w for w in plan.wal if w.file.kind == "segment"][-RPO_SCAN_SEGMENTS:]
     for entry in reversed(segments):
@@ -249,7 +248,7 @@ def newest_archived_transaction(storage, plan, *, keyring, require_encryption: b
         write_verified(storage, entry, path, keyring=keyring, require_encryption=require_encryption)
         try:
             # pg_waldump stops with an error at the end of the records in a switched segment: the output counts
-            out = subprocess.run([tools[0], path], check=False, capture_output=True, text=True, timeout=300,
+            out = subprocess.run([waldump, path], check=False, capture_output=True, text=True, timeout=300,
                                  env={**os.environ, "TZ": "UTC", "LC_ALL": "C"}).stdout
         finally:
             os.unlink(path)

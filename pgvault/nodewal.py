@@ -63,9 +63,9 @@ class NodeState:
 
 
 def pg_tool(name: str, *, bin_dir: str | None, major: int) -> str:
-    for path in pg.pg_program_candidates(name, bin_dir=bin_dir, major=major):
-        if pg.program_major(path) == major:
-            return path
+    path = pg.find_program(name, bin_dir=bin_dir, major=major)
+    if path is not None:
+        return path
     raise ReseedError(f"no {name} of PostgreSQL {major} found",
                       hint=f"install PostgreSQL {major}, or set [postgres] bin_dir to its bin directory")
 

@@ -220,6 +220,14 @@ def pg_program_candidates(name: str, *, bin_dir: str | None, major: int | None =
     return [p for p in unique if os.path.isfile(p) and os.access(p, os.X_OK)]
 
 
+def find_program(name: str, *, bin_dir: str | None, major: int) -> str | None:
+    """The first of pg_program_candidates that belongs to PostgreSQL ``major``, or None."""
+    for path in pg_program_candidates(name, bin_dir=bin_dir, major=major):
+        if program_major(path) == major:
+            return path
+    return None
+
+
 def program_major(path: str) -> int | None:
     """The PostgreSQL major version a program says it belongs to (``--version``), or None."""
     import re

@@ -532,12 +532,11 @@ def _owner_can_run(user: pwd.struct_passwd, executable: str, config_path: str | 
 
 def find_pg_ctl(*, bin_dir: str | None, major: int) -> str:
     """pg_ctl of PostgreSQL ``major``: in ``bin_dir``, else `pg_config --bindir`, Debian's layout, PATH."""
-    seen = []
-    for path in pg.pg_program_candidates("pg_ctl", bin_dir=bin_dir, major=major):
-        version = pg.program_major(path)
-        if version == major:
-            return path
-        seen.append(f"{path} is PostgreSQL {version}")
+    path = pg.find_program("pg_ctl", bin_dir=bin_dir, major=major)
+    if path is not None:
+        return path
+    seen = [f"{p} is PostgreSQL {pg.program_major(p)}" for p in pg.pg_program_candidates("pg_ctl", bin_dir=bin_dir,
+                                                                                        major=major)]
     where = f"[postgres] bin_dir {bin_dir}" if bin_dir else "`pg_config --bindir`, /usr/lib/postgresql/<major>/bin or PATH"
     raise RestoreError(f"no pg_ctl of PostgreSQL {major} (the backup's version) in {where}"
                        + (f": {'; '.join(seen)}" if seen else ""),

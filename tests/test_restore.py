@@ -569,3 +569,16 @@ def test_a_read_only_file_restores_as_its_owner_with_its_mode(local_env, restore
     assert stat.S_IMODE(os.stat(restored_key).st_mode) == 0o400
     with open(restored_key, "rb") as f:
         assert f.read() == key
+
+
+def test_find_pg_ctl_takes_the_backups_major_and_names_the_others_it_saw(tmp_path):
+    from pgvault.restore import RestoreError, find_pg_ctl
+    from tests.fixtures.pgcluster import pg_bindir
+
+    real = find_pg_ctl(bin_dir=pg_bindir(), major=15)
+    assert real == os.path.join(pg_bindir(), "pg_ctl")
+    other = tmp_path / "pg_ctl"  # what an old install's pg_ctl answers
+    other.write_text("#!/bin/sh\necho 'pg_ctl (PostgreSQL) 14.9'\n")
+    other.chmod(0o755)
+    with pytest.raises(RestoreError, match=f"no pg_ctl of PostgreSQL 15 .*: {other} is PostgreSQL 14"):
+        find_pg_ctl(bin_dir=str(tmp_path), major=15)
