@@ -940,6 +940,41 @@ def test_an_incremental_has_read_every_file_when_read_all_returns(tmp_path, monk
     assert stats.bytes_stored < full.bytes_stored / 4  # only the changed blocks
 
 
+def test_kept_blocks_are_stored_after_every_read_is_queued(tmp_path, monkeypatch):
+    """Storing kept blocks reads no file; queued before the reads still to come, it would delay the end of
+    reading (and so pg_backup_stop). One worker: the order of its tasks is the order they were queued."""
+    from pgvault.backup import copy as copy_module
+
+    monkeypatch.setattr(copy_module, "MIN_BURST_OBJECT", 128 * KIB)  # the kept blocks would go at once
+    storage = LocalStorage(str(tmp_path / "vault"))
+    data, big, full = _changed_data_dir(tmp_path, storage)
+    with open(os.path.join(data, "global/1262"), "r+b") as f:  # after base/1/16384 in path order: hashed later
+        f.write(os.urandom(100))
+    events = []
+    hash_blocks_ = copy_module.hash_blocks
+
+    def hashing(path, *args, **kw):
+        events.append(("hash", os.path.relpath(path, data)))
+        return hash_blocks_(path, *args, **kw)
+
+    put = storage.put
+
+    def putting(key, source):
+        events.append(("put", key))
+        return put(key, source)
+
+    monkeypatch.setattr(copy_module, "hash_blocks", hashing)
+    monkeypatch.setattr(storage, "put", putting)
+    # object_size 256 KiB: the big file is hashed in several tasks, so the scan waits for them before going on.
+    incr, _stats = copy_dir(storage, data, tmp_path, label="20261127T203001ZI", parent=full, parallel=1)
+    entry = {e.path: e for e in iter_files(storage, incr, keyring=None)}["base/1/16384"]
+    kept = {s.object for s in entry.sources if s.object.startswith(f"backups/{incr.label}/")}
+    assert kept
+    last_read = max(i for i, e in enumerate(events) if e[0] == "hash")
+    assert events.index(("hash", "global/1262")) > events.index(("hash", "base/1/16384"))
+    assert all(i > last_read for i, e in enumerate(events) if e[0] == "put" and e[1] in kept), events
+
+
 def test_a_changed_file_is_stored_in_one_object_per_worker(tmp_path, monkeypatch):
     from pgvault.backup import copy as copy_module
 
