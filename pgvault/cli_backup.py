@@ -21,6 +21,7 @@ def backup(state: AppState, backup_type: str, as_json: bool) -> None:
     """Take a base backup of the cluster; it is listed once it is complete and its WAL is archived."""
     from pgvault.backup.physical import take_backup
     from pgvault.progressbar import ProgressBar, format_bytes
+    from pgvault.walcmd import wal_options
 
     settings = state.settings
     if not settings.postgres.data_dir:
@@ -51,6 +52,7 @@ def backup(state: AppState, backup_type: str, as_json: bool) -> None:
             tmp_dir=work_dir, lock_dir=work_dir, backup_type=backup_type, parallel=b.parallel,
             backup_from=b.from_, block_size=b.block_size_kib * 1024, wal_timeout=b.wal_timeout,
             progress=progress if bar is not None else None, notify=notify,
+            wal_options=wal_options(settings, options),
         )
     finally:
         if bar is not None:

@@ -64,6 +64,14 @@ def _fast_wal_push(argv: list[str]) -> bool:
         return False  # any doubt: take the full path, which reports errors properly
 
 
+def _is_backup_command(argv: list[str]) -> bool:
+    """Whether argv runs `pgvault [--config F] [--debug] backup ...` (not its --help)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--config" else 1
+    return argv[i:i + 1] == ["backup"] and not {"-h", "--help"} & set(argv)
+
+
 def _exit_at_once(code: int) -> None:
     """End a WAL command without the interpreter's teardown (freeing every module and object).
 
@@ -92,6 +100,10 @@ def main() -> None:
         if command == "wal-push":
             _exit_at_once(walcmd.run_wal_push(config, args[0], debug=debug))
         _exit_at_once(walcmd.run_wal_fetch(config, args[0], args[1], debug=debug))
+    if _is_backup_command(argv):
+        from pgvault.backup.pgsession import prestart
+
+        prestart()  # before click and the rest are imported: see pgsession
     from pgvault.cli import main as cli_main
 
     cli_main()

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +18,7 @@ from pgvault.backup.leftovers import find_leftovers
 from pgvault.backup.lock import read_holder
 from pgvault.backup.manifest import iter_files, list_backups, read_manifest
 from pgvault.backup.materialize import materialize_backup
+from pgvault.catalog import list_archived_wal
 from tests.archive_env import archive_command, make_archive_env, restore_command
 from tests.clihelp import write_config
 from tests.fixtures.pgcluster import BASE_CONF, PG_USER, chown_tree, make_pg_owned_dir, pgvault_executable
@@ -234,7 +236,9 @@ def test_sigkill_midway_leaves_nothing_listed_and_the_next_backup_cleans_up(pg_t
         assert time.monotonic() < deadline
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.communicate()  # returns once the child holding the session has gone too (it shares stderr)
+    # That child saw its parent go: the session is closed, so the server ended the backup.
+    assert pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'") == 0
     (left,) = find_leftovers(env.storage)
     assert not left.keys[-1].endswith("manifest.json")
     assert list_backups(env.storage, keyring=None) == []
@@ -249,6 +253,51 @@ def test_sigkill_midway_leaves_nothing_listed_and_the_next_backup_cleans_up(pg_t
     assert f"pgvault backup: removed the leftovers of the interrupted backup {left.label} (" in res.err
     assert find_leftovers(env.storage) == [] and read_holder(env.storage) is None
     assert [m.label for m in list_backups(env.storage, keyring=None)] == [json.loads(res.out)["label"]]
+
+
+def test_the_backup_pushes_its_last_segment_itself_once_the_archiver_is_shown_to_work(pg_tmp, pg_cluster, pg_factory):
+    """archive_command holds every WAL file but the current segment while a file says so, so the backup's last
+    segment waits in pg_wal; the backup must commit anyway (within wal_timeout) because it pushes that segment
+    itself, and archive_command's own push of it later succeeds (same content, same key)."""
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra="[backup]\nwal_timeout = 10")
+    hold = os.path.join(env.base, "hold")  # holds the one name archive_command may still push
+    pg_cluster.set(archive_command=f'while [ -e "{hold}" ] && ! grep -qx "%f" "{hold}"; do sleep 0.05; done; '
+                                   + archive_command(env.config))
+    pg_cluster.reload()
+    env.wait_archived(env.switch())
+    pg_cluster.sql("INSERT INTO t VALUES (2)")  # the current segment has WAL: pg_backup_start completes it
+    current = pg_cluster.one("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    with open(hold, "w") as f:
+        f.write(current + "\n")
+    failed_before = pg_cluster.one("SELECT failed_count FROM pg_stat_archiver")
+
+    result = backup(env)
+    assert result["stop_wal"] > current and os.path.exists(hold)  # committed while archive_command held it
+    assert result["stop_wal"] in env.archived_names()
+    assert pg_cluster.one("SELECT last_archived_wal FROM pg_stat_archiver") == current
+
+    os.unlink(hold)
+    env.wait_archived(result["stop_wal"])
+    assert pg_cluster.one("SELECT failed_count FROM pg_stat_archiver") == failed_before
+    (copy,) = [e for e in list_archived_wal(env.storage) if e.name == result["stop_wal"]]  # one copy: one key
+    assert copy.size == 16 * 1024 * 1024
+    node = restore_and_start(env, pg_factory, result["label"])
+    assert node.one("SELECT count(*) FROM t") == 2
+
+
+def test_pgvault_backup_leaves_psycopg_to_its_session_process(local_env):
+    """The console script starts the session's process first; importing psycopg here again would
+    put its ~45 ms back in front of pg_backup_start (see pgsession)."""
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('psycopg imported:', 'psycopg' in sys.modules, file=sys.stderr))\n"
+              f"sys.argv = ['pgvault', '--config', {local_env.config!r}, 'backup', '--json']\n"
+              "from pgvault.entry import main\nmain()\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PGVAULT_")}
+    done = subprocess.run([sys.executable, "-c", script], user=PG_USER, group=PG_USER, env=environment, cwd="/tmp",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["type"] == "full"
+    assert done.stderr.strip().splitlines()[-1] == "psycopg imported: False"
 
 
 @pytest.mark.slow

@@ -1083,3 +1083,43 @@ def test_the_copy_is_prepared_while_the_backup_starts_and_closed_if_it_does_not(
     ahead = _ReadAhead(entries)
     assert next(entries, None) is None  # all five read at once
     assert [e.path for e in ahead] == [f"base/1/{n}" for n in range(5)]
+
+
+@pytest.mark.parametrize(("last", "failing", "expected"), [
+    ("000000010000000000000009", False, True),  # the segment before the backup's last one
+    ("00000001000000000000000A", False, True),  # a later one
+    ("000000010000000000000009.00000028.backup", False, True),  # a .backup file after it
+    ("000000010000000000000008", False, False),  # behind
+    ("000000010000000000000009", True, False),  # failing since
+    ("00000002000000000000000A", False, False),  # another timeline
+    ("00000002.history", False, False),
+    ("000000010000000000000009.partial", False, False),
+    (None, False, False),  # nothing archived yet
+])
+def test_the_archiver_has_reached_the_segment_before_the_last_only_if_it_says_so(last, failing, expected):
+    from pgvault.backup.session import archiver_has_reached
+    from pgvault.pg import ArchiverStatus
+    from pgvault.wal import parse_wal_file_name
+
+    then, later = datetime(2026, 11, 28, 1, tzinfo=timezone.utc), datetime(2026, 11, 28, 2, tzinfo=timezone.utc)
+    status = ArchiverStatus(archived_count=5, last_archived_wal=last, last_archived_time=then if last else None,
+                            failed_count=1 if failing else 0, last_failed_wal="x" if failing else None,
+                            last_failed_time=later if failing else None, current_wal=None)
+    wanted = parse_wal_file_name("00000001000000000000000A")
+    assert archiver_has_reached(status, wanted, segment_size=16 << 20) is expected
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["backup"], True),
+    (["--config", "/etc/x.toml", "backup", "--type", "incr", "--json"], True),
+    (["--config=/etc/x.toml", "--debug", "backup"], True),
+    (["backup", "--help"], False),
+    (["--config", "backup", "list"], False),  # "backup" is the config file's name here
+    (["list"], False),
+    (["restore-dump", "backup"], False),
+    ([], False),
+])
+def test_the_console_script_recognises_a_backup_command(argv, expected):
+    from pgvault.entry import _is_backup_command
+
+    assert _is_backup_command(argv) is expected

@@ -4,7 +4,8 @@ Modules, one job each: ``layout`` (labels and keys), ``manifest`` (the manifest
 and files.jsonl records), ``scan`` (walking a data directory, exclusions),
 ``blockmap`` (pure block bookkeeping: locations, changes, the merge-join),
 ``blocks`` (reading and hashing blocks), ``copy`` (files into objects, in
-parallel), ``session`` (the PostgreSQL side: checks, start/stop, WAL wait),
+parallel), ``pgsession`` (the backup's PostgreSQL session, in a child process
+for the CLI), ``session`` (the PostgreSQL side: checks, the WAL wait),
 ``lock`` (one backup at a time), ``leftovers`` (interrupted backups),
 ``physical`` (take_backup: the orchestration), ``materialize`` (a data
 directory back from a manifest) and ``errors``.

@@ -2,13 +2,16 @@
 
 Order matters, and is what makes a backup trustworthy:
 
-1. check the server, its role and the data directory; take the backup lock;
-   delete leftovers of interrupted backups;
-2. pg_backup_start (immediate checkpoint), on a connection held open throughout
+1. take the backup lock (while the session connects: see ``pgsession``); check
+   the server, its role and the data directory; delete leftovers of
+   interrupted backups;
+2. pg_backup_start (immediate checkpoint), in a session held open throughout
    (meanwhile the parent's file list is fetched and its first entries read);
 3. read the data directory into data objects (see ``copy``), pg_control last;
 4. pg_backup_stop: the stop LSN, and the backup_label / tablespace_map to restore;
-5. wait until the WAL from the start to the stop LSN is in the vault, while
+5. wait until the WAL from the start to the stop LSN is in the vault (from a
+   primary whose archiver is shown to work, the last segment is pushed here:
+   see ``session.push_stop_segment``), while
    the objects whose blocks were read already (an incremental's changed
    blocks) are stored, then files.jsonl;
 6. write manifest.json — the commit: before it, no listing shows the backup.
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-from pgvault import __version__, pg
+from pgvault import __version__
 from pgvault.backup import layout
 from pgvault.backup.blockmap import merge_join
 from pgvault.backup.copy import MAX_QUEUED_BLOCKS, MAX_QUEUED_ENTRIES, OBJECT_SIZE, Copier, CopyProgress, CopyStats
@@ -48,11 +51,13 @@ from pgvault.backup.manifest import (
     write_manifest,
 )
 from pgvault.backup.scan import ScanEntry, scan_data_dir
+from pgvault.backup.pgsession import open_session
 from pgvault.backup.session import (
-    BackupSession,
     archiver_hint,
+    archiver_proven,
     check_node,
     label_timeline,
+    push_stop_segment,
     wait_for_wal,
     wal_segments,
 )
@@ -125,10 +130,12 @@ def take_backup(
     progress: Callable[[BackupProgress], None] | None = None,
     notify: Callable[[str], None] | None = None,
     object_size: int = OBJECT_SIZE,
+    wal_options=None,
 ) -> BackupResult:
     """Take one backup of the cluster at ``conninfo`` whose files are in ``data_dir``; commit it to ``storage``.
 
-    ``options`` is the archive's CodecOptions; ``tmp_dir`` holds files.jsonl while
+    ``options`` is the archive's CodecOptions (``wal_options`` those of WAL, if
+    different: the backup may push its last segment, see ``push_stop_segment``); ``tmp_dir`` holds files.jsonl while
     it is written; ``lock_dir`` the local lock file. ``notify`` receives what the
     operator should be told as it happens (also returned in ``notices``).
     """
@@ -151,17 +158,19 @@ def take_backup(
         if notify is not None:
             notify(message)
 
-    with pg.connect(conninfo) as conn:
-        node = check_node(conn, conninfo=conninfo, data_dir=data_dir, backup_from=backup_from,
-                          system_identifier=record.system_identifier)
+    # The backup lock is taken while the session connects (in the child process pgvault backup starts
+    # first, see pgsession); the server is checked once both are done.
+    session = open_session(conninfo)
+    try:
         lock, parent, label = _lock_and_label(storage, backup_type=backup_type, block_size=block_size,
                                               lock_dir=lock_dir, keyring=keyring,
                                               require_encryption=require_encryption, say=say)
         committed = False
         try:
+            node = check_node(session, data_dir=data_dir, backup_from=backup_from,
+                              system_identifier=record.system_identifier)
             for notice in remove_leftovers(storage, find_leftovers(storage)):
                 say(notice)
-            session = BackupSession(conn, node.facts)
 
             def prepare() -> _Copy:
                 return _Copy(storage, label=label, data_dir=data_dir, major=node.facts.major_version, parent=parent,
@@ -176,16 +185,30 @@ def take_backup(
                 timeline = label_timeline(stop.backup_label)
                 segments = wal_segments(timeline=timeline, start_lsn=start_lsn, stop_lsn=stop.stop_lsn,
                                         segment_size=record.wal_segment_size)
+                # From a primary, the last segment is complete once pg_backup_stop returns (it switches WAL):
+                # the backup pushes it itself once the archiver is shown to work (see push_stop_segment).
+                last = {"segment": segments[-1] if node.role == "primary" else None, "checked": 0.0}
+
+                def push_last_if_proven(name: str) -> None:
+                    now = time.monotonic()
+                    if name != last["segment"] or now - last["checked"] < 0.05:
+                        return
+                    last["checked"] = now
+                    if archiver_proven(session, storage, name, segment_size=record.wal_segment_size):
+                        last["segment"] = None  # once: if it fails, the archiver's push is awaited
+                        push_stop_segment(storage, record=record, options=wal_options or options,
+                                          data_dir=data_dir, segment=name)
 
                 def wait_wal(check: Callable[[], None]) -> None:
                     def waiting(name: str) -> None:
                         check()
+                        push_last_if_proven(name)
                         if progress is not None:
                             s = copy.copier.stats
                             progress(BackupProgress("wal", s.bytes_read, s.bytes_read, s.files, s.files, name))
 
                     wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
-                                 hint=lambda name: archiver_hint(conn, node.role, name), on_wait=waiting)
+                                 hint=lambda name: archiver_hint(session, node.role, name), on_wait=waiting)
 
                 copied = _while_finishing(copy.finish, wait_wal, abort=copy.copier.close)
             finally:
@@ -212,10 +235,12 @@ def take_backup(
                     lock.release()
                 except PgvaultError:
                     pass  # the error on its way out matters more; a stale lock is reclaimed next time
-        try:
-            lock.release()
-        except PgvaultError as exc:  # committed: the backup is good; a stale lock is reclaimed next time
-            say(f"the backup is committed, but its lock could not be removed: {exc.message}")
+    finally:
+        session.close()
+    try:
+        lock.release()
+    except PgvaultError as exc:  # committed: the backup is good; a stale lock is reclaimed next time
+        say(f"the backup is committed, but its lock could not be removed: {exc.message}")
     return BackupResult(manifest=manifest, notices=tuple(notices), objects=stats.objects,
                         reused_files=stats.reused_files)
 

@@ -1,9 +1,7 @@
-"""The PostgreSQL side of a base backup: checks, the non-exclusive backup API, and the WAL wait.
+"""The PostgreSQL side of a base backup: checks, and the WAL the backup needs.
 
-A non-exclusive backup lives in one session: the connection opened for
-pg_backup_start must stay open until pg_backup_stop (closing it aborts the
-backup on the server, which is what we want when pgvault dies). pg_backup_stop
-is called without waiting for archiving: PostgreSQL would wait forever if
+The statements run in the backup's session (``pgsession``). pg_backup_stop is
+called without waiting for archiving: PostgreSQL would wait forever if
 archiving is broken; ``wait_for_wal`` waits instead, with a timeout and an
 error that names the missing segment.
 """
@@ -14,15 +12,14 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from pgvault import pg
 from pgvault.backup.errors import BackupError, WalArchiveTimeoutError
 from pgvault.catalog import find_archived
-from pgvault.errors import PostgresError
+from pgvault.errors import ArchiveDivergenceError, PgvaultError
 from pgvault.storage import Storage
-from pgvault.wal import lsn_to_prev_segno, lsn_to_segno, parse_lsn, segment_name
+from pgvault.wal import WalFileName, lsn_to_prev_segno, lsn_to_segno, parse_wal_file_name, segment_name
 
 BACKUP_FROM = ("primary", "standby", "any")
 MIN_VERSION = 12
@@ -34,12 +31,15 @@ class NodeFacts:
     role: str  # "primary" | "standby"
 
 
-def check_node(conn: Any, *, conninfo: str, data_dir: str, backup_from: str, system_identifier: int) -> NodeFacts:
-    """Refuse a server this backup cannot be taken from, with one clear error per cause."""
+def check_node(session: Any, *, data_dir: str, backup_from: str, system_identifier: int) -> NodeFacts:
+    """Refuse a server this backup cannot be taken from, with one clear error per cause.
+
+    ``session`` is a pgsession session (LocalSession or ChildSession).
+    """
     if backup_from not in BACKUP_FROM:
         raise ValueError(f"backup_from must be one of {BACKUP_FROM}")
-    facts = pg.server_facts(conn)
-    where = pg.describe_conninfo(conninfo)
+    facts = session.facts()
+    where = _Where(session)
     role = "standby" if facts.in_recovery else "primary"
     if facts.major_version < MIN_VERSION:
         raise BackupError(f"PostgreSQL {facts.major_version} at {where} is too old: backups need PostgreSQL {MIN_VERSION} or later")
@@ -61,7 +61,7 @@ def check_node(conn: Any, *, conninfo: str, data_dir: str, backup_from: str, sys
             f"but the server at {where} has {facts.system_identifier}",
             hint="set [postgres] data_dir to the data directory of the server [postgres] conninfo reaches",
         )
-    _check_same_server(conn, data_dir, facts, where)
+    _check_same_server(session, data_dir, facts, where)
     if facts.wal_level not in ("replica", "logical"):
         raise BackupError(f"wal_level is {facts.wal_level!r} on the server at {where}: a base backup needs WAL",
                           hint="set wal_level = replica and restart PostgreSQL")
@@ -75,7 +75,17 @@ def check_node(conn: Any, *, conninfo: str, data_dir: str, backup_from: str, sys
     return NodeFacts(facts, role)
 
 
-def _check_same_server(conn: Any, data_dir: str, facts: pg.ServerFacts, where: str) -> None:
+class _Where:
+    """The server's conninfo without password, for messages: asked for only when one is written."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def __str__(self) -> str:
+        return self._session.describe()
+
+
+def _check_same_server(session: Any, data_dir: str, facts: pg.ServerFacts, where: _Where) -> None:
     """The server we talk to must run on ``data_dir``: its postmaster.pid says so.
 
     A primary and its standby share a system identifier, so that check alone
@@ -94,9 +104,7 @@ def _check_same_server(conn: Any, data_dir: str, facts: pg.ServerFacts, where: s
     except OSError as exc:
         raise BackupError(f"cannot read {path}: {exc.strerror}",
                           hint="run the backup as the user that owns the data directory (postgres)") from None
-    with conn.cursor() as cur:
-        cur.execute("SELECT current_setting('port')")
-        port = str(cur.fetchone()[0])
+    port = session.port()
     if len(lines) < 4 or lines[1] != facts.data_directory or lines[3].strip() != port:
         running = f"{lines[1]} on port {lines[3].strip()}" if len(lines) >= 4 else "an unreadable postmaster.pid"
         raise BackupError(
@@ -104,55 +112,6 @@ def _check_same_server(conn: Any, data_dir: str, facts: pg.ServerFacts, where: s
             f"but the server at {where} runs on {facts.data_directory} (port {port})",
             hint="set [postgres] data_dir to the data directory of the server [postgres] conninfo reaches",
         )
-
-
-@dataclass(frozen=True)
-class StopResult:
-    stop_lsn: int
-    stop_time: datetime
-    backup_label: str
-    tablespace_map: str | None
-
-
-class BackupSession:
-    """pg_backup_start / pg_backup_stop (pg_start_backup / pg_stop_backup before 15) on one connection."""
-
-    def __init__(self, conn: Any, facts: pg.ServerFacts) -> None:
-        self.conn = conn
-        self.version = facts.major_version
-        with conn.cursor() as cur:
-            # The session sits idle while files are copied: no timeout may end it.
-            cur.execute("SET statement_timeout = 0")
-            if self.version >= 14:
-                cur.execute("SET idle_session_timeout = 0")
-
-    def start(self, label: str) -> tuple[int, datetime]:
-        """Start the backup with an immediate checkpoint: (start LSN, server time)."""
-        sql = ("SELECT pg_backup_start(%s, true)::text, clock_timestamp()" if self.version >= 15
-               else "SELECT pg_start_backup(%s, true, false)::text, clock_timestamp()")
-        row = self._one(sql, (label,))
-        return parse_lsn(row[0]), _utc(row[1])
-
-    def stop(self) -> StopResult:
-        sql = ("SELECT lsn::text, labelfile, spcmapfile, clock_timestamp() FROM pg_backup_stop(false)"
-               if self.version >= 15 else
-               "SELECT lsn::text, labelfile, spcmapfile, clock_timestamp() FROM pg_stop_backup(false, false)")
-        row = self._one(sql, None)
-        return StopResult(parse_lsn(row[0]), _utc(row[3]), row[1], row[2] or None)
-
-    def _one(self, sql: str, params) -> tuple:
-        import psycopg
-
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchone()
-        except psycopg.Error as exc:
-            raise PostgresError(f"PostgreSQL refused the backup: {' '.join(str(exc).split())}") from None
-
-
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc)
 
 
 _LABEL_LINE = re.compile(r"^([A-Z ]+): (.*)$")
@@ -222,17 +181,72 @@ def wait_for_wal(storage: Storage, segments: list[str], *, segment_size: int, ti
             poll = min(max_poll, poll * 1.5)
 
 
-def archiver_hint(conn: Any, role: str, name: str) -> str:
+def archiver_has_reached(status: pg.ArchiverStatus, segment: WalFileName, *, segment_size: int) -> bool:
+    """Whether PostgreSQL's archiver is not failing and has archived every segment before ``segment``.
+
+    pg_stat_archiver's last archived file (a segment, or a segment's .backup
+    file) must be on ``segment``'s timeline and not before the one preceding it.
+    A .history or .partial file as the last one proves nothing here.
+    """
+    if status.failing or not status.last_archived_wal or segment.segno is None:
+        return False
+    try:
+        last = parse_wal_file_name(status.last_archived_wal, segment_size=segment_size)
+    except ValueError:
+        return False
+    return (last.kind in ("segment", "backup") and last.timeline == segment.timeline
+            and last.segno is not None and last.segno >= segment.segno - 1)
+
+
+def archiver_proven(session: Any, storage: Storage, segment: str, *, segment_size: int) -> bool:
+    """Whether archive_command demonstrably archives into ``storage``, up to the segment before ``segment``.
+
+    That segment must be in this vault (an archive_command storing elsewhere
+    proves nothing), and PostgreSQL's archiver must not be failing and must
+    have archived it (or a later one): the vault alone could hold it from an
+    earlier backup's own push. The vault is looked at first: while the
+    archiver is still busy with that segment, no query is sent.
+    """
+    wanted = parse_wal_file_name(segment, segment_size=segment_size)
+    if not wanted.segno:
+        return False
+    before = segment_name(wanted.timeline, wanted.segno - 1, segment_size=segment_size)
+    if not find_archived(storage, before, segment_size=segment_size):
+        return False
+    status = session.archiver_status()
+    return status is not None and archiver_has_reached(status, wanted, segment_size=segment_size)
+
+
+def push_stop_segment(storage: Storage, *, record, options, data_dir: str, segment: str) -> bool:
+    """Archive the backup's last segment from pg_wal, as archive_command would; False if that could not be done.
+
+    A backup from a primary ends with a WAL switch, so its last segment is
+    complete once pg_backup_stop returns, and archive_command runs for it next.
+    Pushing it here spares the backup that run's start-up (~40 ms measured of
+    a 0.3 s incremental); the archiver's own push then finds it archived, with
+    the same key. Only done once ``archiver_proven``: a broken archive_command
+    still fails the backup with the WAL wait's error. On False (the file is
+    gone or changed: recycled after the archiver's push; the vault refused it)
+    the archiver's push is awaited as usual. Two different copies of the
+    segment are a split brain, reported as archive_command would.
+    """
+    from pgvault.archive import push_wal_file
+
+    try:
+        push_wal_file(os.path.join(data_dir, "pg_wal", segment), storage=storage, record=record, options=options)
+    except ArchiveDivergenceError:
+        raise
+    except (PgvaultError, OSError):
+        return False
+    return True
+
+
+def archiver_hint(session: Any, role: str, name: str) -> str:
     """What to look at when ``name`` does not arrive, from pg_stat_archiver when we can."""
     if role == "standby":
         return (f"the primary archives the WAL of a backup taken on a standby: check its archive_command, "
                 f"and that it has completed {name} (SELECT pg_switch_wal() on the primary, or set archive_timeout)")
-    import psycopg
-
-    try:
-        status = pg.archiver_status(conn)
-    except psycopg.Error:
-        status = None
+    status = session.archiver_status()
     if status is not None and status.failing:
         return (f"archiving fails on the server (last failure: {status.last_failed_wal} at "
                 f"{status.last_failed_time}); check archive_command and the server log, and `pgvault check`")

@@ -1,0 +1,158 @@
+"""The backup's PostgreSQL session in a child process (pgsession): the same answers and errors as in this
+process, and no session left behind when either side goes. Each case runs in a fresh interpreter, since
+prestart forks, and a fork of the test process (with its threads) is not what the console script does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pgvault.backup.pgsession import LocalSession
+from pgvault.errors import PostgresError
+
+pytestmark = pytest.mark.integration
+
+PRELUDE = """
+import json, os, signal, sys, time
+from pgvault.backup.pgsession import open_session, prestart
+prestart()
+child = __import__("pgvault.backup.pgsession", fromlist=["x"])._prestarted.pid
+session = open_session(sys.argv[1])
+"""
+
+
+def run_script(body: str, conninfo: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body), conninfo],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def result_of(body: str, conninfo: str) -> dict:
+    out, err = run_script(body, conninfo).communicate(timeout=60)
+    assert err == "", err
+    return json.loads(out)
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_child_session_answers_as_one_in_this_process(pg_cluster):
+    got = result_of("""
+        facts = session.facts()
+        port = session.port()
+        start_lsn, start_time = session.start("pgsession test")
+        stop = session.stop()
+        session.close()  # the child closes its connection, exits and is reaped
+        try:
+            os.kill(child, 0)
+            reaped = False
+        except ProcessLookupError:
+            reaped = True
+        print(json.dumps({"kind": type(session).__name__, "facts": facts.__dict__, "port": port,
+                          "start_lsn": start_lsn, "start_tz": str(start_time.tzinfo), "stop_lsn": stop.stop_lsn,
+                          "label": stop.backup_label, "reaped": reaped}))
+        """, pg_cluster.conninfo)
+    local = LocalSession.connect(pg_cluster.conninfo)
+    try:
+        assert got["facts"] == local.facts().__dict__
+        assert got["port"] == local.port() == str(pg_cluster.port)
+    finally:
+        local.close()
+    assert got["kind"] == "ChildSession" and got["reaped"]
+    assert got["start_tz"] == "UTC" and got["stop_lsn"] >= got["start_lsn"] > 0
+    assert "LABEL: pgsession test" in got["label"]
+    assert pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'") == 0
+
+
+def test_errors_come_back_as_they_would_be_raised_here(pg_cluster):
+    bad = f"host=127.0.0.1 port={pg_cluster.port + 1} dbname=postgres user=postgres connect_timeout=3"
+    got = result_of("""
+        from pgvault.errors import PostgresError
+        try:
+            session.facts()  # the connect's answer comes with the first call
+        except PostgresError as exc:
+            print(json.dumps({"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}))
+        """, bad)
+    with pytest.raises(PostgresError) as here:
+        LocalSession.connect(bad)
+    assert got == {"type": "PostgresError", "message": here.value.message, "hint": here.value.hint}
+
+    refused = result_of("""
+        from pgvault.errors import PostgresError
+        try:
+            session.stop()  # no backup running
+        except PostgresError as exc:
+            print(json.dumps({"message": exc.message, "facts_still": session.facts().wal_level}))
+        """, pg_cluster.conninfo)
+    assert refused["message"].startswith("PostgreSQL refused the backup: ")
+    assert "backup is not in progress" in refused["message"]
+    assert refused["facts_still"] == "replica"  # the session goes on after an error
+
+
+def test_a_child_that_died_is_a_clear_error(pg_cluster):
+    got = result_of("""
+        from pgvault.errors import PostgresError
+        session.facts()
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        try:
+            session.port()
+        except PostgresError as exc:
+            print(json.dumps({"message": exc.message}))
+        """, pg_cluster.conninfo)
+    assert "the process holding the PostgreSQL session" in got["message"]
+    assert "ended unexpectedly; no backup was committed" in got["message"]
+
+
+def test_the_child_ends_its_session_when_its_parent_dies(pg_cluster):
+    proc = run_script("""
+        session.start("left running")
+        print(child, flush=True)
+        time.sleep(120)
+        """, pg_cluster.conninfo)
+    child = int(proc.stdout.readline())
+    assert pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'") == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert gone(child)
+    deadline = time.monotonic() + 10
+    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # The backup ended with the session: a new one starts and stops without complaint.
+    local = LocalSession.connect(pg_cluster.conninfo)
+    try:
+        local.start("after")
+        assert "LABEL: after" in local.stop().backup_label
+    finally:
+        local.close()
+
+
+def test_ctrl_c_reaches_the_parent_only(pg_cluster):
+    proc = run_script("""
+        try:
+            print(child, flush=True)
+            time.sleep(120)
+        except KeyboardInterrupt:
+            print(session.port(), flush=True)  # the child ignored the same SIGINT and still answers
+            session.close()
+        """, pg_cluster.conninfo, start_new_session=True)
+    child = int(proc.stdout.readline())
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == str(pg_cluster.port), err
+    assert gone(child)
