@@ -156,3 +156,18 @@ def test_ctrl_c_reaches_the_parent_only(pg_cluster):
     out, err = proc.communicate(timeout=30)
     assert out.strip() == str(pg_cluster.port), err
     assert gone(child)
+
+
+def test_closing_while_the_child_runs_a_statement_does_not_wait_for_it(pg_cluster):
+    got = result_of("""
+        session.facts()
+        session._send("_one", "SELECT pg_sleep(60)", None)  # as if Ctrl-C came while a statement ran
+        started = time.monotonic()
+        session.close()
+        print(json.dumps({"seconds": time.monotonic() - started}))
+        """, pg_cluster.conninfo)
+    assert got["seconds"] < 10
+    deadline = time.monotonic() + 10
+    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -177,6 +177,13 @@ class ChildSession:
         """End the session (the child closes the connection and exits) and reap the child."""
         if self._requests.closed:
             return
+        if self._unanswered:  # interrupted (Ctrl-C) while the child runs a statement: not worth waiting for
+            import signal
+
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         self._requests.close()
         self._answers.close()
         try:
