@@ -45,7 +45,8 @@ and <= 10% of its size; pgvault peak RSS <= 256 MB.
 pgvault runs by default from a regular (non-editable, byte-compiled) install
 built in the temporary directory from this checkout, as scripts/setup-dev.sh
 installs it; `--pgvault dev` uses the dev venv's editable install instead.
-`--contestants pgvault` measures pgvault alone. `--keep DIR` builds the cluster
+`--contestants pgvault` measures pgvault alone, archiving to pgvault alone (as in
+production: no pgBackRest archive-push beside each segment's push). `--keep DIR` builds the cluster
 in DIR and leaves it there, stopped, for inspection; a later run with the same
 DIR reuses it (initdb skipped; pgbench tables, vault and repository made anew). Ctrl-C or SIGTERM stop what the run started (only the server
 it created, by its data directory) and remove what it made.
@@ -264,6 +265,7 @@ class Cluster:
 ARCHIVE_COMMAND = ('{pgvault} --config {pgvault_cfg} wal-push "%p" & a=$!; '
                    'pgbackrest --config={pgbackrest_cfg} --stanza={stanza} archive-push "%p"; b=$?; '
                    'wait $a && [ $b -eq 0 ]')
+ARCHIVE_COMMAND_ALONE = '{pgvault} --config {pgvault_cfg} wal-push "%p"'
 
 
 @dataclass
@@ -332,7 +334,11 @@ class Bench:
         self.make_stores()
 
     def make_stores(self) -> None:
-        """A fresh pgvault vault and pgBackRest repository, and archive_command pushing to both."""
+        """A fresh pgvault vault and pgBackRest repository, and archive_command pushing to both.
+
+        Without pgBackRest among the contestants, no repository, and archive_command
+        pushes to pgvault alone, as it would in production.
+        """
         c = self.cluster
         for name in ("pgvault", "pgbackrest", "basebackup"):
             shutil.rmtree(self.path(name), ignore_errors=True)
@@ -347,7 +353,22 @@ class Bench:
                     f'[backup]\nparallel = 2\n')
         chown_pg(d)
         self.runner.run([self.pgvault, "--config", self.pgvault_cfg, "init"])
+        mkdir_pg(self.path("basebackup"))
+        if "pgbackrest" in self.contestants:
+            command = ARCHIVE_COMMAND.format(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg,
+                                             pgbackrest_cfg=self.make_pgbackrest_repo(), stanza=STANZA)
+        else:
+            command = ARCHIVE_COMMAND_ALONE.format(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg)
+        c.sql(pgsql.SQL("ALTER SYSTEM SET archive_command = {}").format(pgsql.Literal(command)))
+        c.sql("SELECT pg_reload_conf()")
+        c.sql("SELECT pg_switch_wal()")
+        c.sql("CHECKPOINT")
+        c.wait_archived(timeout=120)
+        log(f"archive_command: {command}")
 
+    def make_pgbackrest_repo(self) -> str:
+        """pgBackRest's repository and stanza; its config file."""
+        c = self.cluster
         d = mkdir_pg(self.path("pgbackrest"))
         for sub in ("log", "lock", "spool", "repo"):
             mkdir_pg(os.path.join(d, sub))
@@ -363,16 +384,7 @@ class Bench:
         os.chmod(self.pgbackrest_cfg, 0o640)
         chown_pg(d)
         self.runner.run(["pgbackrest", f"--config={self.pgbackrest_cfg}", f"--stanza={STANZA}", "stanza-create"])
-        mkdir_pg(self.path("basebackup"))
-
-        command = ARCHIVE_COMMAND.format(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg,
-                                         pgbackrest_cfg=self.pgbackrest_cfg, stanza=STANZA)
-        c.sql(pgsql.SQL("ALTER SYSTEM SET archive_command = {}").format(pgsql.Literal(command)))
-        c.sql("SELECT pg_reload_conf()")
-        c.sql("SELECT pg_switch_wal()")
-        c.sql("CHECKPOINT")
-        c.wait_archived(timeout=120)
-        log(f"archive_command: {command}")
+        return self.pgbackrest_cfg
 
     # ---- contestants ---------------------------------------------------------------
 
