@@ -171,3 +171,22 @@ def test_closing_while_the_child_runs_a_statement_does_not_wait_for_it(pg_cluste
     while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_without_a_child_the_session_is_opened_in_process(pg_cluster):
+    script = """
+import json, os, sys
+from pgvault.backup import pgsession
+def no_fork():
+    raise BlockingIOError(11, "Resource temporarily unavailable")
+os.fork = no_fork
+pgsession.prestart()  # a process limit: no child, and no error
+session = pgsession.open_session(sys.argv[1])
+print(json.dumps({"kind": type(session).__name__, "wal_level": session.facts().wal_level}))
+session.close()
+"""
+    out, err = subprocess.Popen([sys.executable, "-c", script, pg_cluster.conninfo], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True).communicate(timeout=60)
+    assert err == "", err
+    got = json.loads(out)
+    assert got["kind"] == "LocalSession" and got["wal_level"] == "replica"

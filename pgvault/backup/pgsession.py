@@ -241,11 +241,18 @@ def prestart() -> None:
     """Start the session's child process now, before this process imports anything else; see open_session.
 
     Only while this process has no other threads: a fork copies the calling thread alone.
+    If no process can be started (a process limit, no memory), the session is
+    opened in this process later, as for library callers.
     """
     global _prestarted
-    requests_read, requests_write = os.pipe()
-    answers_read, answers_write = os.pipe()
-    pid = os.fork()
+    fds = [*os.pipe(), *os.pipe()]
+    requests_read, requests_write, answers_read, answers_write = fds
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return
     if pid == 0:
         os.close(requests_write)
         os.close(answers_read)
