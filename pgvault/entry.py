@@ -13,20 +13,31 @@ import os
 import sys
 
 
-def _parse_fast_wal_push(argv: list[str]) -> tuple[str | None, str] | None:
-    """(config path, WAL path) if argv is exactly `[--config F] wal-push PATH`, else None."""
-    config = None
-    i = 0
-    while i < len(argv) and argv[i].startswith("--config"):
+def split_global_options(argv: list[str]) -> tuple[str | None, bool, list[str]] | None:
+    """(config, debug, the command and what follows) for `[--config F] [--debug] COMMAND ...`.
+
+    None if another option comes before the command: click then parses it. Used
+    before click is imported (the WAL commands, the backup's session process).
+    """
+    config, debug, i = None, False, 0
+    while i < len(argv) and argv[i].startswith("-"):
         if argv[i] == "--config" and i + 1 < len(argv):
             config, i = argv[i + 1], i + 2
         elif argv[i].startswith("--config="):
             config, i = argv[i].split("=", 1)[1], i + 1
+        elif argv[i] == "--debug":
+            debug, i = True, i + 1
         else:
             return None
-    if argv[i:i + 1] != ["wal-push"] or len(argv) != i + 2:
+    return config, debug, argv[i:]
+
+
+def _parse_fast_wal_push(argv: list[str]) -> tuple[str | None, str] | None:
+    """(config path, WAL path) if argv is exactly `[--config F] wal-push PATH`, else None (--debug included)."""
+    parsed = split_global_options(argv)
+    if parsed is None or parsed[1] or len(parsed[2]) != 2 or parsed[2][0] != "wal-push":
         return None
-    return config, argv[i + 1]
+    return parsed[0], parsed[2][1]
 
 
 def _fast_wal_push(argv: list[str]) -> bool:
@@ -66,10 +77,8 @@ def _fast_wal_push(argv: list[str]) -> bool:
 
 def _is_backup_command(argv: list[str]) -> bool:
     """Whether argv runs `pgvault [--config F] [--debug] backup ...` (not its --help)."""
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        i += 2 if argv[i] == "--config" else 1
-    return argv[i:i + 1] == ["backup"] and not {"-h", "--help"} & set(argv)
+    parsed = split_global_options(argv)
+    return parsed is not None and parsed[2][:1] == ["backup"] and not {"-h", "--help"} & set(argv)
 
 
 def _exit_at_once(code: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pgvault.entry import split_global_options
 from pgvault.errors import PgvaultError
 
 #: restore_command contract: 1..125 means "not available" (recovery ends there
@@ -21,17 +22,10 @@ FETCH_FATAL_EXIT = 255
 
 def parse_wal_argv(argv: list[str]) -> tuple[str | None, bool, str, list[str]] | None:
     """(config, debug, command, args) for `[--config F] [--debug] wal-push PATH` or `… wal-fetch NAME DEST`."""
-    config, debug, i = None, False, 0
-    while i < len(argv) and argv[i].startswith("--"):
-        if argv[i] == "--config" and i + 1 < len(argv):
-            config, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            config, i = argv[i].split("=", 1)[1], i + 1
-        elif argv[i] == "--debug":
-            debug, i = True, i + 1
-        else:
-            return None
-    rest = argv[i:]
+    parsed = split_global_options(argv)
+    if parsed is None:
+        return None
+    config, debug, rest = parsed
     if len(rest) == 2 and rest[0] == "wal-push" and not rest[1].startswith("-"):
         return config, debug, "wal-push", rest[1:]
     if len(rest) == 3 and rest[0] == "wal-fetch" and not any(a.startswith("-") for a in rest[1:]):

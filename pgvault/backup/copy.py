@@ -387,9 +387,8 @@ class Copier:
         if self._filling.get(job.reads_files) is job:
             del self._filling[job.reads_files]
         if not job.reads_files:
-            if job not in self._deferred:
-                self._deferred.append(job)
-                self._release_deferred()
+            self._deferred.append(job)
+            self._release_deferred()
             return
         self._start(job)
 

@@ -39,7 +39,7 @@ def check_node(session: Any, *, data_dir: str, backup_from: str, system_identifi
     if backup_from not in BACKUP_FROM:
         raise ValueError(f"backup_from must be one of {BACKUP_FROM}")
     facts = session.facts()
-    where = _Where(session)
+    where = session.describe()
     role = "standby" if facts.in_recovery else "primary"
     if facts.major_version < MIN_VERSION:
         raise BackupError(f"PostgreSQL {facts.major_version} at {where} is too old: backups need PostgreSQL {MIN_VERSION} or later")
@@ -75,17 +75,7 @@ def check_node(session: Any, *, data_dir: str, backup_from: str, system_identifi
     return NodeFacts(facts, role)
 
 
-class _Where:
-    """The server's conninfo without password, for messages: asked for only when one is written."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-
-    def __str__(self) -> str:
-        return self._session.describe()
-
-
-def _check_same_server(session: Any, data_dir: str, facts: pg.ServerFacts, where: _Where) -> None:
+def _check_same_server(session: Any, data_dir: str, facts: pg.ServerFacts, where: str) -> None:
     """The server we talk to must run on ``data_dir``: its postmaster.pid says so.
 
     A primary and its standby share a system identifier, so that check alone
