@@ -1109,6 +1109,43 @@ def test_the_archiver_has_reached_the_segment_before_the_last_only_if_it_says_so
     assert archiver_has_reached(status, wanted, segment_size=16 << 20) is expected
 
 
+def test_the_wal_wait_looks_again_at_once_after_the_backup_pushed_the_segment_itself(tmp_path, monkeypatch):
+    from pgvault.backup import session
+    from pgvault.catalog import format_wal_key
+
+    storage = LocalStorage(str(tmp_path / "vault"))
+    first, last = "000000010000000000000009", "00000001000000000000000A"
+
+    def archive(name: str) -> None:
+        storage.put(format_wal_key(name, sha256="0" * 64, completed_ms=1, size=16 << 20), io.BytesIO(b"wal"))
+
+    archive(first)
+    sleeps: list[float] = []
+    monkeypatch.setattr(session.time, "sleep", sleeps.append)  # a pause would loop here: nothing else archives
+    waited: list[str] = []
+
+    def pushed_itself(name: str) -> bool:
+        waited.append(name)
+        archive(name)
+        return True
+
+    session.wait_for_wal(storage, [first, last], segment_size=16 << 20, timeout=5, on_wait=pushed_itself)
+    assert waited == [last] and sleeps == []
+
+    # Nothing pushed: the wait pauses between looks as before, and ends when the segment arrives.
+    later = "00000001000000000000000B"
+    calls: list[str] = []
+
+    def archiver_pushes_on_the_second_look(name: str) -> bool:
+        calls.append(name)
+        if len(calls) == 2:
+            archive(name)
+        return False
+
+    session.wait_for_wal(storage, [later], segment_size=16 << 20, timeout=5, on_wait=archiver_pushes_on_the_second_look)
+    assert calls == [later, later] and sleeps == [0.01, 0.01]
+
+
 @pytest.mark.parametrize(("argv", "expected"), [
     (["backup"], True),
     (["--config", "/etc/x.toml", "backup", "--type", "incr", "--json"], True),

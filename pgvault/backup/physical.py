@@ -187,25 +187,26 @@ def take_backup(
                                         segment_size=record.wal_segment_size)
                 # From a primary, the last segment is complete once pg_backup_stop returns (it switches WAL):
                 # the backup pushes it itself once the archiver is shown to work (see push_stop_segment).
-                last = {"segment": segments[-1] if node.role == "primary" else None, "checked": 0.0}
+                # Checked at every poll of the WAL wait: the proof is the poll's own kind of request (the vault
+                # is looked at first), and each poll missed costs its interval (10 ms) of the backup's time.
+                pushable = {segments[-1]} if node.role == "primary" else set()
 
-                def push_last_if_proven(name: str) -> None:
-                    now = time.monotonic()
-                    if name != last["segment"] or now - last["checked"] < 0.05:
-                        return
-                    last["checked"] = now
-                    if archiver_proven(session, storage, name, segment_size=record.wal_segment_size):
-                        last["segment"] = None  # once: if it fails, the archiver's push is awaited
-                        push_stop_segment(storage, record=record, options=wal_options or options,
-                                          data_dir=data_dir, segment=name)
+                def push_last_if_proven(name: str) -> bool:
+                    """Whether the backup pushed ``name`` itself (see push_stop_segment)."""
+                    if name not in pushable or not archiver_proven(session, storage, name,
+                                                                   segment_size=record.wal_segment_size):
+                        return False
+                    pushable.discard(name)  # once: if it fails, the archiver's push is awaited
+                    return push_stop_segment(storage, record=record, options=wal_options or options,
+                                             data_dir=data_dir, segment=name)
 
                 def wait_wal(check: Callable[[], None]) -> None:
-                    def waiting(name: str) -> None:
+                    def waiting(name: str) -> bool:
                         check()
-                        push_last_if_proven(name)
                         if progress is not None:
                             s = copy.copier.stats
                             progress(BackupProgress("wal", s.bytes_read, s.bytes_read, s.files, s.files, name))
+                        return push_last_if_proven(name)
 
                     wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
                                  hint=lambda name: archiver_hint(session, node.role, name), on_wait=waiting)

@@ -144,12 +144,14 @@ def wal_segments(*, timeline: int, start_lsn: int, stop_lsn: int, segment_size: 
 
 def wait_for_wal(storage: Storage, segments: list[str], *, segment_size: int, timeout: float,
                  hint: Callable[[str], str | None] = lambda name: None, max_poll: float = 1.0,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+                 on_wait: Callable[[str], bool] | None = None) -> None:
     """Return once every segment is archived in the vault; WalArchiveTimeoutError after ``timeout`` s.
 
     Polls every 10 ms for the first second (the stop segment usually arrives
     75-100 ms after pg_backup_stop, and every poll interval adds to each backup's
     time), then less and less: each poll of an S3 vault is a LIST request.
+    ``on_wait(name)`` runs before each pause; when it returns True (it archived
+    ``name`` itself) the vault is looked at again at once.
     """
     started = time.monotonic()
     deadline = started + timeout
@@ -162,8 +164,8 @@ def wait_for_wal(storage: Storage, segments: list[str], *, segment_size: int, ti
                     f"{storage.description} within {timeout:g} s; the backup was not committed",
                     hint=hint(name),
                 )
-            if on_wait is not None:
-                on_wait(name)
+            if on_wait is not None and on_wait(name):
+                continue
             if time.monotonic() - started < 1.0:
                 time.sleep(0.01)
                 continue
