@@ -286,11 +286,18 @@ def _serve(requests_fd: int, answers_fd: int) -> NoReturn:
     os.dup2(devnull, 1)
     session: LocalSession | None = None
     try:
+        import gc
         import pickle
 
+        # The backup waits for this import (~80 ms): the collector's passes over the thousands of objects
+        # it creates are ~7 ms of it (measured), and none of them is garbage. Frozen, they are never scanned again.
+        gc.disable()
         import psycopg  # noqa: F401 - now, while the parent imports the rest: the point of this process
 
         from pgvault.errors import PgvaultError, PostgresError
+
+        gc.freeze()
+        gc.enable()
 
         requests = os.fdopen(requests_fd, "rb")
         answers = os.fdopen(answers_fd, "wb")
