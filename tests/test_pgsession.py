@@ -192,3 +192,31 @@ session.close()
     assert err == "", err
     got = json.loads(out)
     assert got["kind"] == "LocalSession" and got["wal_level"] == "replica"
+
+
+def test_ending_lets_the_child_go_without_waiting_and_close_still_reaps_it(pg_cluster):
+    got = result_of("""
+        session.facts()
+        started = time.monotonic()
+        session.end()
+        ended_in = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while (reaped := os.waitpid(child, os.WNOHANG)) == (0, 0):  # it exits on its own
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        session.close()  # reaped already: nothing to wait for, no error
+        print(json.dumps({"ended_in": ended_in, "exit_code": os.waitstatus_to_exitcode(reaped[1])}))
+        """, pg_cluster.conninfo)
+    assert got["ended_in"] < 1 and got["exit_code"] == 0
+    deadline = time.monotonic() + 10
+    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_ending_a_session_in_process_closes_its_connection(pg_cluster):
+    local = LocalSession.connect(pg_cluster.conninfo)
+    local.facts()
+    local.end()
+    assert local.conn.closed
+    local.close()  # afterwards, as take_backup does: no error

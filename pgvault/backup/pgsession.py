@@ -110,6 +110,10 @@ class LocalSession:
         except psycopg.Error:
             return None
 
+    def end(self) -> None:
+        """The backup needs the session no more: close it (``close`` does nothing more here)."""
+        self.conn.close()
+
     def close(self) -> None:
         self.conn.close()
 
@@ -173,9 +177,19 @@ class ChildSession:
     def archiver_status(self) -> pg.ArchiverStatus | None:
         return self._call("archiver_status")
 
+    def end(self) -> None:
+        """Let the child close the connection and exit, without waiting for it; ``close`` reaps it.
+
+        Called once the backup needs the session no more (its WAL is archived):
+        the child's exit (~5 ms measured) then overlaps the manifest's write
+        instead of adding to it.
+        """
+        if not self._unanswered:
+            self._requests.close()  # the child reads the end of its requests
+
     def close(self) -> None:
         """End the session (the child closes the connection and exits) and reap the child."""
-        if self._requests.closed:
+        if self._answers.closed:
             return
         if self._unanswered:  # interrupted (Ctrl-C) while the child runs a statement: not worth waiting for
             import signal

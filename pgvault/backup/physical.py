@@ -210,6 +210,7 @@ def take_backup(
 
                     wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
                                  hint=lambda name: archiver_hint(session, node.role, name), on_wait=waiting)
+                    session.end()  # stopped, and its WAL archived: the session has nothing left to do
 
                 copied = _while_finishing(copy.finish, wait_wal, abort=copy.copier.close)
             finally:
