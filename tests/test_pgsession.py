@@ -19,8 +19,11 @@ from pgvault.errors import PostgresError
 
 pytestmark = pytest.mark.integration
 
+# Ctrl-C as on a terminal, even where the tests were started with SIGINT ignored (a background job
+# of a non-interactive shell: Python then keeps it ignored).
 PRELUDE = """
 import json, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pgvault.backup.pgsession import open_session, prestart
 prestart()
 child = __import__("pgvault.backup.pgsession", fromlist=["x"])._prestarted.pid
@@ -220,3 +223,38 @@ def test_ending_a_session_in_process_closes_its_connection(pg_cluster):
     local.end()
     assert local.conn.closed
     local.close()  # afterwards, as take_backup does: no error
+
+
+
+CTRL_C_AT_THE_FORK = """
+import json, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from pgvault.backup import pgsession
+real_fork = os.fork
+def fork_then_ctrl_c():
+    pid = real_fork()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the fork, in both processes, before anything else
+    return pid
+os.fork = fork_then_ctrl_c
+interrupted = False
+try:
+    pgsession.prestart()
+    time.sleep(10)
+except KeyboardInterrupt:
+    interrupted = True
+session = pgsession.open_session(sys.argv[1])
+print(json.dumps({"pid": os.getpid(), "interrupted": interrupted, "kind": type(session).__name__,
+                  "port": session.port()}), flush=True)
+session.close()
+"""
+
+
+def test_a_ctrl_c_right_after_the_fork_reaches_the_parent_only(pg_cluster):
+    out, err = subprocess.Popen([sys.executable, "-c", CTRL_C_AT_THE_FORK, pg_cluster.conninfo], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True).communicate(timeout=60)
+    # One line, from the parent, over its child's session: a child that took the Ctrl-C would
+    # run the parent's code on (a second line), a parent that took it too soon would lose its child.
+    lines = out.splitlines()
+    assert len(lines) == 1, (out, err)
+    got = json.loads(lines[0])
+    assert got["interrupted"] and got["kind"] == "ChildSession" and got["port"] == str(pg_cluster.port), got

@@ -259,21 +259,34 @@ def prestart() -> None:
     opened in this process later, as for library callers.
     """
     global _prestarted
+    import signal  # the child needs it first thing: imported before the fork, it has it already
+
     fds = [*os.pipe(), *os.pipe()]
     requests_read, requests_write, answers_read, answers_write = fds
+    # Ctrl-C is held back across the fork: one that came before the child ignores SIGINT would
+    # raise KeyboardInterrupt in the child, which would then run this process's code on. The
+    # parent gets it once it knows its child; the child's copy of the mask holds it until ignored (discarded).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in fds:
             os.close(fd)
         return
     if pid == 0:
-        os.close(requests_write)
-        os.close(answers_read)
-        _serve(requests_read, answers_write)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(requests_write)
+            os.close(answers_read)
+            _serve(requests_read, answers_write)
+        finally:
+            os._exit(1)  # never back into the parent's code (_serve itself ends with os._exit(0))
     os.close(requests_read)
     os.close(answers_write)
     _prestarted = ChildSession(pid, requests_write, answers_read)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C held back is raised here, the child known
 
 
 def open_session(conninfo: str) -> LocalSession | ChildSession:
@@ -291,10 +304,7 @@ def open_session(conninfo: str) -> LocalSession | ChildSession:
 
 
 def _serve(requests_fd: int, answers_fd: int) -> NoReturn:
-    """The child: answer the parent's calls with a LocalSession until the parent closes its end."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The child (SIGINT ignored): answer the parent's calls with a LocalSession until the parent closes its end."""
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
