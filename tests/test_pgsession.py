@@ -16,6 +16,7 @@ import pytest
 
 from pgvault.backup.pgsession import LocalSession
 from pgvault.errors import PostgresError
+from pgvault.restore import pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +45,19 @@ def result_of(body: str, conninfo: str) -> dict:
 
 def gone(pid: int, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.02)
-    return False
+    return True
+
+
+def wait_until_no_pgvault_session(pg_cluster, timeout: float = 30) -> None:
+    """The server ends a closed session's backend on its own time: wait for it, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
+        assert time.monotonic() < deadline, "a pgvault session is still open"
+        time.sleep(0.05)
 
 
 def test_a_child_session_answers_as_one_in_this_process(pg_cluster):
@@ -132,10 +139,7 @@ def test_the_child_ends_its_session_when_its_parent_dies(pg_cluster):
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     assert gone(child)
-    deadline = time.monotonic() + 10
-    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_no_pgvault_session(pg_cluster, timeout=10)
     # The backup ended with the session: a new one starts and stops without complaint.
     local = LocalSession.connect(pg_cluster.conninfo)
     try:
@@ -172,10 +176,7 @@ def test_closing_while_the_child_runs_a_statement_does_not_wait_for_it(pg_cluste
     assert got["seconds"] < 2  # waiting for the child would take the statement's 5 s
     # The server notices the closed connection when the statement ends (PostgreSQL does not look
     # for it while a query runs unless client_connection_check_interval is set), and ends the session.
-    deadline = time.monotonic() + 30
-    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until_no_pgvault_session(pg_cluster, timeout=30)
 
 
 def test_without_a_child_the_session_is_opened_in_process(pg_cluster):
@@ -211,10 +212,7 @@ def test_ending_lets_the_child_go_without_waiting_and_close_still_reaps_it(pg_cl
         print(json.dumps({"ended_in": ended_in, "exit_code": os.waitstatus_to_exitcode(reaped[1])}))
         """, pg_cluster.conninfo)
     assert got["ended_in"] < 1 and got["exit_code"] == 0
-    deadline = time.monotonic() + 10
-    while pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_no_pgvault_session(pg_cluster, timeout=10)
 
 
 def test_ending_a_session_in_process_closes_its_connection(pg_cluster):

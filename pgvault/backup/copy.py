@@ -371,10 +371,13 @@ class Copier:
         return min(self.object_size, max(MIN_BURST_OBJECT, -(-changed // self.parallel)))
 
     def _new_job(self, reads_files: bool) -> _Job:
-        job = self._filling[reads_files] = _Job(key=layout.data_key(self.label, self._next_number),
-                                                reads_files=reads_files)
-        self._next_number += 1
+        job = self._filling[reads_files] = _Job(key=self._next_key(), reads_files=reads_files)
         return job
+
+    def _next_key(self) -> str:
+        key = layout.data_key(self.label, self._next_number)
+        self._next_number += 1
+        return key
 
     def _submit_job(self, job: _Job | None = None) -> None:
         """Send ``job`` to the workers; without one, the objects being filled."""
@@ -437,8 +440,7 @@ class Copier:
         """Read the files that must be read after all others (pg_control), now; store them in one last object."""
         if not self._last:
             return
-        job = _Job(key=layout.data_key(self.label, self._next_number))
-        self._next_number += 1
+        job = _Job(key=self._next_key())
         for plan in self._last:
             path = os.path.join(self.data_dir, plan.scan.path)
             held = read_blocks(path, plan.todo, self.bs)
