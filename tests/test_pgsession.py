@@ -88,6 +88,30 @@ def test_a_child_session_answers_as_one_in_this_process(pg_cluster):
     assert pg_cluster.one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvault'") == 0
 
 
+def test_the_archivers_times_come_back_in_utc_without_the_servers_zone(pg_cluster):
+    """In the server's zone, the answer would import zoneinfo in the parent to unpickle (in the WAL wait)."""
+    pg_cluster.set(archive_command="/bin/true", timezone="Europe/Paris")
+    pg_cluster.reload()
+    pg_cluster.sql("SELECT pg_switch_wal() FROM (SELECT txid_current()) AS written")
+    deadline = time.monotonic() + 30
+    while not pg_cluster.one("SELECT archived_count FROM pg_stat_archiver"):
+        assert time.monotonic() < deadline, "the archiver archived nothing"
+        time.sleep(0.05)
+    got = result_of("""
+        status = session.archiver_status()
+        print(json.dumps({"archived": str(status.last_archived_time.tzinfo), "wal": status.last_archived_wal,
+                          "zoneinfo": "zoneinfo" in sys.modules}))
+        session.close()
+        """, pg_cluster.conninfo)
+    local = LocalSession.connect(pg_cluster.conninfo)
+    try:
+        here = local.archiver_status()
+    finally:
+        local.close()
+    assert got == {"archived": "UTC", "wal": here.last_archived_wal, "zoneinfo": False}
+    assert str(here.last_archived_time.tzinfo) == "UTC"
+
+
 def test_errors_come_back_as_they_would_be_raised_here(pg_cluster):
     bad = f"host=127.0.0.1 port={pg_cluster.port + 1} dbname=postgres user=postgres connect_timeout=3"
     got = result_of("""
