@@ -21,6 +21,7 @@ def backup(state: AppState, backup_type: str, as_json: bool) -> None:
     """Take a base backup of the cluster; it is listed once it is complete and its WAL is archived."""
     from pgvault.backup.physical import take_backup
     from pgvault.progressbar import ProgressBar, format_bytes
+    from pgvault.spool import Spool
     from pgvault.walcmd import wal_options
 
     settings = state.settings
@@ -53,6 +54,7 @@ def backup(state: AppState, backup_type: str, as_json: bool) -> None:
             backup_from=b.from_, block_size=b.block_size_kib * 1024, wal_timeout=b.wal_timeout,
             progress=progress if bar is not None else None, notify=notify,
             wal_options=wal_options(settings, options),
+            spool=Spool(settings.archive.spool_dir, settings.vault.cluster),
         )
     finally:
         if bar is not None:

@@ -1,8 +1,9 @@
 """The `pgvault` console script.
 
 PostgreSQL runs archive_command once per WAL segment, one at a time, so its
-start-up cost is archiving throughput. When asynchronous archiving already
-pushed the segment, this answers from the spool with the standard library
+start-up cost is archiving throughput. When another pgvault process pushed
+the segment already (asynchronous archiving's worker, or a backup pushing its
+last segment: see spool), this answers from the spool with the standard library
 alone (no click, boto3, psycopg or cryptography) and exits 0; everything else
 goes to the click CLI.
 """
@@ -63,14 +64,11 @@ def _fast_wal_push(argv: list[str]) -> bool:
             return env if env != "" else table.get(key, default) if isinstance(table, dict) else default
 
         # Unvalidated on purpose: a wrong value sends us to the full path, which validates.
-        async_ = setting("archive", "async", False)
-        if async_ is not True and str(async_).lower() not in ("true", "1", "yes", "on"):
-            return False
         spool_dir = setting("archive", "spool_dir", configpath.DEFAULT_SPOOL_DIR)
         cluster = setting("vault", "cluster", "main")
         if not isinstance(spool_dir, str) or not isinstance(cluster, str) or "/" in cluster:
             return False
-        return Spool(spool_dir, cluster).consume_marker(parsed[1])
+        return Spool(spool_dir, cluster).pushed_meanwhile(parsed[1])
     except Exception:
         return False  # any doubt: take the full path, which reports errors properly
 

@@ -343,6 +343,56 @@ def test_fast_path_answers_from_the_spool_without_heavy_imports(pg_cluster, pg_t
     assert not spool.has_marker(name)  # consumed
 
 
+def test_a_call_for_a_claimed_segment_waits_for_that_push(pg_cluster, pg_tmp):
+    """A backup claims its last segment while it pushes it (spool): PostgreSQL's call for the same
+    segment waits, then answers from the backup's marker; without a marker it pushes the file itself."""
+    from pgvault.spool import Spool
+    from tests.fixtures.pgcluster import pgvault_executable
+
+    env = make_archive_env(pg_cluster, pg_tmp, backend="local")  # synchronous archiving, the default
+    name = env.switch()
+    env.wait_archived(name)
+    copy = os.path.join(scratch(env, "claimed"), name)
+    assert env.pgvault("wal-fetch", name, copy).code == 0
+    for info in list(env.storage.list("wal/")):  # as if it had never been archived
+        if name in info.key:
+            env.storage.delete(info.key)
+    spool = Spool(os.path.join(env.base, "spool"), "main")
+
+    def push() -> subprocess.Popen:
+        return subprocess.Popen(as_pg_user([pgvault_executable(), "--config", env.config, "wal-push", copy]),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stored() -> bool:
+        return name in env.archived_names()
+
+    claim = spool.claim_push(name)
+    assert claim is not None
+    chown_tree(os.path.join(env.base, "spool"))
+    call = push()
+    time.sleep(0.5)
+    assert call.poll() is None  # waiting for the claimed push
+    spool.mark_pushed(copy)  # the backup's push is done: its marker, then the claim ends
+    spool.release_claim(claim)
+    assert call.wait(timeout=30) == 0, call.communicate()
+    assert not spool.has_marker(name)  # consumed
+    assert not stored()  # answered from the marker: the call itself pushed nothing
+
+    claim = spool.claim_push(name)
+    call = push()
+    time.sleep(0.3)
+    assert call.poll() is None
+    spool.release_claim(claim)  # no marker: the backup's push failed
+    assert call.wait(timeout=30) == 0, call.communicate()
+    assert stored()  # so the call pushed it itself
+
+    other = spool.claim_push("000000010000000000000099")  # another segment's claim holds nothing up
+    try:
+        assert push().wait(timeout=30) == 0
+    finally:
+        spool.release_claim(other)
+
+
 def test_prefetch_fills_the_spool_for_the_next_segments(pg_cluster, pg_tmp):
     env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra="prefetch = 3")
     names = [env.switch() for _ in range(5)]

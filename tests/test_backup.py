@@ -19,6 +19,7 @@ from pgvault.backup.lock import read_holder
 from pgvault.backup.manifest import iter_files, list_backups, read_manifest
 from pgvault.backup.materialize import materialize_backup
 from pgvault.catalog import list_archived_wal
+from pgvault.spool import Spool
 from tests.archive_env import archive_command, make_archive_env, restore_command
 from tests.clihelp import write_config
 from tests.fixtures.pgcluster import BASE_CONF, PG_USER, chown_tree, make_pg_owned_dir, pgvault_executable
@@ -258,7 +259,8 @@ def test_sigkill_midway_leaves_nothing_listed_and_the_next_backup_cleans_up(pg_t
 def test_the_backup_pushes_its_last_segment_itself_once_the_archiver_is_shown_to_work(pg_tmp, pg_cluster, pg_factory):
     """archive_command holds every WAL file but the current segment while a file says so, so the backup's last
     segment waits in pg_wal; the backup must commit anyway (within wal_timeout) because it pushes that segment
-    itself, and archive_command's own push of it later succeeds (same content, same key)."""
+    itself, and archive_command's own call for it later answers from the marker the backup left, without the
+    vault (made unreadable for that call)."""
     env = make_archive_env(pg_cluster, pg_tmp, backend="local", extra="[backup]\nwal_timeout = 10")
     hold = os.path.join(env.base, "hold")  # holds the one name archive_command may still push
     pg_cluster.set(archive_command=f'while [ -e "{hold}" ] && ! grep -qx "%f" "{hold}"; do sleep 0.05; done; '
@@ -272,14 +274,27 @@ def test_the_backup_pushes_its_last_segment_itself_once_the_archiver_is_shown_to
     failed_before = pg_cluster.one("SELECT failed_count FROM pg_stat_archiver")
 
     result = backup(env)
-    assert result["stop_wal"] > current and os.path.exists(hold)  # committed while archive_command held it
-    assert result["stop_wal"] in env.archived_names()
+    stop_wal = result["stop_wal"]
+    assert stop_wal > current and os.path.exists(hold)  # committed while archive_command held it
+    assert stop_wal in env.archived_names()
     assert pg_cluster.one("SELECT last_archived_wal FROM pg_stat_archiver") == current
+    spool = Spool(os.path.join(env.base, "spool"), "main")
+    assert spool.has_marker(stop_wal)
 
+    wal_dir = os.path.join(env.base, "vault", "main", "wal")
+    os.chmod(wal_dir, 0)  # a push of its own would fail now
+    try:
+        with open(hold, "a") as f:
+            f.write(stop_wal + "\n")  # let that call go (not yet the .backup file's: it needs the vault)
+        env.wait_archived(stop_wal)
+        assert pg_cluster.one("SELECT failed_count FROM pg_stat_archiver") == failed_before
+        assert not spool.has_marker(stop_wal)  # consumed by that call
+    finally:
+        os.chmod(wal_dir, 0o700)
     os.unlink(hold)
-    env.wait_archived(result["stop_wal"])
+    env.wait_archived(stop_wal + ".")  # the .backup file: archiving goes on as usual
     assert pg_cluster.one("SELECT failed_count FROM pg_stat_archiver") == failed_before
-    (copy,) = [e for e in list_archived_wal(env.storage) if e.name == result["stop_wal"]]  # one copy: one key
+    (copy,) = [e for e in list_archived_wal(env.storage) if e.name == stop_wal]  # one copy: one key
     assert copy.size == 16 * 1024 * 1024
     node = restore_and_start(env, pg_factory, result["label"])
     assert node.one("SELECT count(*) FROM t") == 2

@@ -11,7 +11,7 @@ Order matters, and is what makes a backup trustworthy:
 4. pg_backup_stop: the stop LSN, and the backup_label / tablespace_map to restore;
 5. wait until the WAL from the start to the stop LSN is in the vault (from a
    primary whose archiver is shown to work, the last segment is pushed here:
-   see ``session.push_stop_segment``), while
+   see ``session.StopSegmentPush``), while
    the objects whose blocks were read already (an incremental's changed
    blocks) are stored, then files.jsonl;
 6. write manifest.json — the commit: before it, no listing shows the backup.
@@ -53,11 +53,10 @@ from pgvault.backup.manifest import (
 from pgvault.backup.scan import ScanEntry, scan_data_dir
 from pgvault.backup.pgsession import open_session
 from pgvault.backup.session import (
+    StopSegmentPush,
     archiver_hint,
-    archiver_proven,
     check_node,
     label_timeline,
-    push_stop_segment,
     wait_for_wal,
     wal_segments,
 )
@@ -131,13 +130,16 @@ def take_backup(
     notify: Callable[[str], None] | None = None,
     object_size: int = OBJECT_SIZE,
     wal_options=None,
+    spool=None,
 ) -> BackupResult:
     """Take one backup of the cluster at ``conninfo`` whose files are in ``data_dir``; commit it to ``storage``.
 
     ``options`` is the archive's CodecOptions (``wal_options`` those of WAL, if
-    different: the backup may push its last segment, see ``push_stop_segment``); ``tmp_dir`` holds files.jsonl while
+    different: the backup may push its last segment, see ``StopSegmentPush``); ``tmp_dir`` holds files.jsonl while
     it is written; ``lock_dir`` the local lock file. ``notify`` receives what the
-    operator should be told as it happens (also returned in ``notices``).
+    operator should be told as it happens (also returned in ``notices``). ``spool``
+    (archive_command's Spool) lets the archiver's call for that segment wait for
+    the backup's push instead of pushing it a second time.
     """
     if backup_type not in layout.TYPE_LETTERS:
         raise ValueError(f"backup_type must be one of {', '.join(layout.TYPE_LETTERS)}")
@@ -186,19 +188,12 @@ def take_backup(
                 segments = wal_segments(timeline=timeline, start_lsn=start_lsn, stop_lsn=stop.stop_lsn,
                                         segment_size=record.wal_segment_size)
                 # From a primary, the last segment is complete once pg_backup_stop returns (it switches WAL):
-                # the backup pushes it itself once the archiver is shown to work (see push_stop_segment).
-                # Checked at every poll of the WAL wait: the proof is the poll's own kind of request (the vault
+                # the backup pushes it itself once the archiver is shown to work (see StopSegmentPush).
+                # Tried at every poll of the WAL wait: the proof is the poll's own kind of request (the vault
                 # is looked at first), and each poll missed costs its interval (10 ms) of the backup's time.
-                pushable = {segments[-1]} if node.role == "primary" else set()
-
-                def push_last_if_proven(name: str) -> bool:
-                    """Whether the backup pushed ``name`` itself (see push_stop_segment)."""
-                    if name not in pushable or not archiver_proven(session, storage, name,
-                                                                   segment_size=record.wal_segment_size):
-                        return False
-                    pushable.discard(name)  # once: if it fails, the archiver's push is awaited
-                    return push_stop_segment(storage, record=record, options=wal_options or options,
-                                             data_dir=data_dir, segment=name)
+                own_push = StopSegmentPush(session, storage, record=record, options=wal_options or options,
+                                           data_dir=data_dir, spool=spool,
+                                           segment=segments[-1] if node.role == "primary" else None)
 
                 def wait_wal(check: Callable[[], None]) -> None:
                     def waiting(name: str) -> bool:
@@ -206,13 +201,17 @@ def take_backup(
                         if progress is not None:
                             s = copy.copier.stats
                             progress(BackupProgress("wal", s.bytes_read, s.bytes_read, s.files, s.files, name))
-                        return push_last_if_proven(name)
+                        return own_push.attempt(name)
 
                     wait_for_wal(storage, segments, segment_size=record.wal_segment_size, timeout=wal_timeout,
                                  hint=lambda name: archiver_hint(session, node.role, name), on_wait=waiting)
+                    own_push.release()  # if never attempted (the segment was there): archive_command may go on
                     session.end()  # stopped, and its WAL archived: the session has nothing left to do
 
-                copied = _while_finishing(copy.finish, wait_wal, abort=copy.copier.close)
+                try:
+                    copied = _while_finishing(copy.finish, wait_wal, abort=copy.copier.close)
+                finally:
+                    own_push.release()
             finally:
                 copy.close()
             stats = copied.stats

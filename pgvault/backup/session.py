@@ -209,28 +209,82 @@ def archiver_proven(session: Any, storage: Storage, segment: str, *, segment_siz
     return status is not None and archiver_has_reached(status, wanted, segment_size=segment_size)
 
 
-def push_stop_segment(storage: Storage, *, record, options, data_dir: str, segment: str) -> bool:
-    """Archive the backup's last segment from pg_wal, as archive_command would; False if that could not be done.
+class StopSegmentPush:
+    """The backup's own push of its last segment from pg_wal, as archive_command would do it.
 
     A backup from a primary ends with a WAL switch, so its last segment is
     complete once pg_backup_stop returns, and archive_command runs for it next.
     Pushing it here spares the backup that run's start-up (~40 ms measured of
     a 0.3 s incremental); the archiver's own push then finds it archived, with
     the same key. Only done once ``archiver_proven``: a broken archive_command
-    still fails the backup with the WAL wait's error. On False (the file is
-    gone or changed: recycled after the archiver's push; the vault refused it)
-    the archiver's push is awaited as usual. Two different copies of the
-    segment are a split brain, reported as archive_command would.
-    """
-    from pgvault.archive import push_wal_file
+    still fails the backup with the WAL wait's error. If the push fails (the
+    file is gone or changed: recycled after the archiver's push; the vault
+    refused it) the archiver's push is awaited as usual. Two different copies
+    of the segment are a split brain, reported as archive_command would.
 
+    With ``spool`` (archive_command's Spool), the segment is claimed from the
+    start (see spool): the archiver's call for it, started at the same moment,
+    waits for this push and answers from the marker it leaves, instead of
+    compressing the segment a second time. The claim ends at the first attempt,
+    pushed or not, and at ``release`` in any case.
+    """
+
+    def __init__(self, session: Any, storage: Storage, *, record, options, data_dir: str, segment: str | None,
+                 spool=None) -> None:
+        self.session, self.storage, self.record, self.options = session, storage, record, options
+        self.data_dir = data_dir
+        self.segment = segment  # None: nothing to push (from a standby, the primary archives)
+        self.spool = spool
+        self._claim = spool.claim_push(segment) if spool is not None and segment is not None else None
+
+    def attempt(self, name: str) -> bool:
+        """Whether ``name`` was pushed here now (the WAL wait then looks at the vault again at once)."""
+        if name != self.segment:
+            return False
+        try:
+            if not archiver_proven(self.session, self.storage, name, segment_size=self.record.wal_segment_size):
+                return False
+            self.segment = None  # once: if it fails, the archiver's push is awaited
+            return self._push(os.path.join(self.data_dir, "pg_wal", name), marker=self._claim is not None)
+        finally:
+            self.release()  # not proven at once: the archiver pushes it, unhindered
+
+    def release(self) -> None:
+        if self._claim is not None:
+            self.spool.release_claim(self._claim)
+            self._claim = None
+
+    def _push(self, path: str, *, marker: bool) -> bool:
+        from pgvault.archive import push_wal_file
+
+        try:
+            push_wal_file(path, storage=self.storage, record=self.record, options=self.options)
+        except ArchiveDivergenceError:
+            raise
+        except (PgvaultError, OSError):
+            return False
+        if marker:
+            _leave_marker(self.spool, path)
+        return True
+
+
+def _leave_marker(spool, path: str) -> None:
+    """Best effort: mark ``path`` pushed while PostgreSQL still waits to archive it.
+
+    A marker nobody consumes (the archiver's call came before the claim and
+    pushed the file itself) would stay, since a synchronous archive_command
+    prunes none: the next backup's push drops it.
+    """
+    wal_dir = os.path.dirname(path)
+    ready = os.path.join(wal_dir, "archive_status", os.path.basename(path) + ".ready")
     try:
-        push_wal_file(os.path.join(data_dir, "pg_wal", segment), storage=storage, record=record, options=options)
-    except ArchiveDivergenceError:
-        raise
-    except (PgvaultError, OSError):
-        return False
-    return True
+        spool.prune_markers(wal_dir)
+        if os.path.exists(ready):
+            spool.mark_pushed(path)
+            if not os.path.exists(ready):  # archived meanwhile, by the archiver's own push
+                spool.drop_marker(os.path.basename(path))
+    except OSError:
+        pass
 
 
 def archiver_hint(session: Any, role: str, name: str) -> str:
