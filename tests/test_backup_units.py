@@ -50,7 +50,7 @@ from pgvault.backup.materialize import block_runs, materialize_backup
 from pgvault.backup.scan import excluded_names, scan_data_dir
 from pgvault.backup.session import parse_backup_label, parse_tablespace_map, wal_segments
 from pgvault.config import load_settings
-from pgvault.errors import ConfigError, CorruptObjectError
+from pgvault.errors import ConfigError, CorruptObjectError, PgvaultError
 from pgvault.progressbar import format_bytes, render
 from pgvault.storage.local import LocalStorage
 from pgvault.wal import parse_lsn
@@ -1039,6 +1039,36 @@ def test_objects_are_stored_while_the_wal_is_awaited_and_a_failure_of_either_end
     with pytest.raises(WalArchiveTimeoutError):
         _while_finishing(slow_finish, failing_wait, abort=abort)
     assert aborted and stopping.is_set()  # stopped, and over before the error went on
+
+
+def test_the_parents_file_list_is_fetched_ahead_and_closed_if_never_taken(tmp_path):
+    from pgvault.backup.physical import _ParentFiles
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    storage = LocalStorage(str(tmp_path / "vault"))
+    _data, _big, full = _changed_data_dir(tmp_path, storage)
+    spool = str(tmp_path / "spool-parent")
+    expected = [e.path for e in iter_files(storage, full, None)]
+    before = open_fds()
+
+    spooled, entries = _ParentFiles(storage, full, keyring=None, require_encryption=False, tmp_dir=spool).take()
+    assert [e.path for e in entries] == expected  # the parent's list, in path order
+    spooled.close()
+    assert open_fds() == before
+
+    _ParentFiles(storage, full, keyring=None, require_encryption=False, tmp_dir=spool).close()  # never taken
+    assert open_fds() == before  # its temporary file is closed all the same
+
+    assert _ParentFiles(storage, None, keyring=None, require_encryption=False, tmp_dir=spool).take()[0] is None
+
+    storage.delete(full.files_object)  # a fetch that fails: its error comes with take, close stays quiet
+    failing = _ParentFiles(storage, full, keyring=None, require_encryption=False, tmp_dir=spool)
+    with pytest.raises(PgvaultError, match="files.jsonl"):
+        failing.take()
+    _ParentFiles(storage, full, keyring=None, require_encryption=False, tmp_dir=spool).close()
+    assert open_fds() == before
 
 
 def test_the_copy_is_prepared_while_the_backup_starts_and_closed_if_it_does_not():

@@ -388,12 +388,16 @@ class SpooledFiles:
         self.manifest = manifest
         self._where = f"{storage.description}/{manifest.files_object}"
         self._file = tempfile.TemporaryFile("w+b", dir=tmp_dir, prefix=".parent-files-")
-        with storage.open(manifest.files_object) as raw:
-            decoder = codec.decode(raw, name=manifest.files_object, keyring=keyring,
-                                   expected_sha256=manifest.files_sha256, require_encryption=require_encryption)
-            while block := decoder.read(1 << 20):
-                self._file.write(block)
-        self._file.flush()
+        try:
+            with storage.open(manifest.files_object) as raw:
+                decoder = codec.decode(raw, name=manifest.files_object, keyring=keyring,
+                                       expected_sha256=manifest.files_sha256, require_encryption=require_encryption)
+                while block := decoder.read(1 << 20):
+                    self._file.write(block)
+            self._file.flush()
+        except BaseException:
+            self._file.close()  # no caller holds it to close
+            raise
 
     def __iter__(self) -> Iterator[FileEntry]:
         self._file.seek(0)

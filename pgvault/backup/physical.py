@@ -4,9 +4,9 @@ Order matters, and is what makes a backup trustworthy:
 
 1. take the backup lock (while the session connects: see ``pgsession``); check
    the server, its role and the data directory; delete leftovers of
-   interrupted backups;
-2. pg_backup_start (immediate checkpoint), in a session held open throughout
-   (meanwhile the parent's file list is fetched and its first entries read);
+   interrupted backups (meanwhile the parent's file list is fetched and its
+   first entries read);
+2. pg_backup_start (immediate checkpoint), in a session held open throughout;
 3. read the data directory into data objects (see ``copy``), pg_control last;
 4. pg_backup_stop: the stop LSN, and the backup_label / tablespace_map to restore;
 5. wait until the WAL from the start to the stop LSN is in the vault (from a
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
@@ -168,6 +168,8 @@ def take_backup(
                                               lock_dir=lock_dir, keyring=keyring,
                                               require_encryption=require_encryption, say=say)
         committed = False
+        parent_files = _ParentFiles(storage, parent, keyring=keyring, require_encryption=require_encryption,
+                                    tmp_dir=tmp_dir)
         try:
             node = check_node(session, data_dir=data_dir, backup_from=backup_from,
                               system_identifier=record.system_identifier)
@@ -176,9 +178,8 @@ def take_backup(
 
             def prepare() -> _Copy:
                 return _Copy(storage, label=label, data_dir=data_dir, major=node.facts.major_version, parent=parent,
-                             options=options, keyring=keyring, require_encryption=require_encryption,
-                             tmp_dir=tmp_dir, block_size=block_size, parallel=parallel, object_size=object_size,
-                             progress=progress)
+                             parent_files=parent_files, options=options, tmp_dir=tmp_dir, block_size=block_size,
+                             parallel=parallel, object_size=object_size, progress=progress)
 
             (start_lsn, start_time), copy = _while_starting(lambda: session.start(label), prepare)
             try:
@@ -230,6 +231,7 @@ def take_backup(
             write_manifest(storage, manifest, options=options)
             committed = True
         finally:
+            parent_files.close()  # if the copy never took them
             if not committed:
                 _discard(storage, label)
                 try:
@@ -263,7 +265,7 @@ class _Copy:
     """
 
     def __init__(self, storage: Storage, *, label: str, data_dir: str, major: int, parent: Manifest | None,
-                 options, keyring, require_encryption: bool, tmp_dir: str, block_size: int, parallel: int,
+                 parent_files: _ParentFiles, options, tmp_dir: str, block_size: int, parallel: int,
                  object_size: int, progress: Callable[[BackupProgress], None] | None) -> None:
         self.storage, self.label, self.options = storage, label, options
         self.tablespaces: list[Tablespace] = []
@@ -281,15 +283,11 @@ class _Copy:
                              block_size=block_size, parallel=parallel, object_size=object_size,
                              trust_mtime_before=parent.start_time.timestamp() - 1 if parent else None,
                              progress=copy_progress)
-        parents: Iterator[FileEntry] = iter(())
-        if parent is not None:
-            try:
-                self.spooled = SpooledFiles(storage, parent, keyring=keyring, require_encryption=require_encryption,
-                                            tmp_dir=tmp_dir)
-                parents = _ReadAhead(_checked(iter(self.spooled), parent))
-            except BaseException:
-                self.close()
-                raise
+        try:
+            self.spooled, parents = parent_files.take()
+        except BaseException:
+            self.close()
+            raise
         self.entries = merge_join(scan, parents)
 
     def read_all(self) -> None:
@@ -309,14 +307,59 @@ class _Copy:
             self.spooled.close()
 
 
+class _ParentFiles:
+    """The parent's file list (fetched into a temporary file) and its first entries, read in a thread.
+
+    Started as soon as the parent is known: the session's process is still
+    importing psycopg and connecting then (~30 ms measured), and this one has
+    nothing else to do. ``take`` hands them to the copy; ``close`` drops them
+    if they were never taken.
+    """
+
+    def __init__(self, storage: Storage, parent: Manifest | None, *, keyring, require_encryption: bool,
+                 tmp_dir: str) -> None:
+        self._future: Future | None = None
+        if parent is not None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-parent")
+            self._future = pool.submit(_fetch_parent_files, storage, parent, keyring=keyring,
+                                       require_encryption=require_encryption, tmp_dir=tmp_dir)
+            pool.shutdown(wait=False)  # its one thread ends with the task
+
+    def take(self) -> tuple[SpooledFiles | None, Iterator[FileEntry]]:
+        """(the spooled list to close after the copy, its entries); None and no entries without a parent."""
+        future, self._future = self._future, None
+        return future.result() if future is not None else (None, iter(()))
+
+    def close(self) -> None:
+        future, self._future = self._future, None
+        if future is None:
+            return
+        try:
+            spooled, _entries = future.result()
+        except Exception:  # noqa: BLE001 - nothing was left open (see _fetch_parent_files); the backup's error counts
+            return
+        spooled.close()
+
+
+def _fetch_parent_files(storage: Storage, parent: Manifest, *, keyring, require_encryption: bool,
+                        tmp_dir: str) -> tuple[SpooledFiles, Iterator[FileEntry]]:
+    spooled = SpooledFiles(storage, parent, keyring=keyring, require_encryption=require_encryption, tmp_dir=tmp_dir)
+    try:
+        return spooled, _ReadAhead(_checked(iter(spooled), parent))
+    except BaseException:
+        spooled.close()
+        raise
+
+
 def _while_starting(start: Callable[[], tuple[int, datetime]],
                     prepare: Callable[[], _Copy]) -> tuple[tuple[int, datetime], _Copy]:
     """``start()`` (pg_backup_start) here, and ``prepare()`` in a thread meanwhile: (start's result, the copy).
 
     pg_backup_start waits for a checkpoint, the session idle on its socket
-    (without the GIL): time enough to fetch the parent's file list and read its
-    first entries, off the reading's way. Nothing is read from the data
-    directory before the backup has started: the scan begins in ``read_all``.
+    (without the GIL): time enough to set the copy up (its temporary files, the
+    parent's entries: see _ParentFiles), off the reading's way. Nothing is read
+    from the data directory before the backup has started: the scan begins in
+    ``read_all``.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-prepare") as pool:
         preparing = pool.submit(prepare)
