@@ -8,13 +8,18 @@ Run as root with the venv's python (it needs psycopg):
 One throwaway cluster: initdb as the `postgres` OS user in a postgres-owned
 temporary directory, a free loopback port, production defaults (fsync = on,
 full_page_writes = on, no data checksums) except max_wal_size = 4GB, and
-`pgbench -i -s SCALE` (100: about 1.5 GB). Then archiving is switched on
-through both tools at once: archive_command runs a small script that starts
-`pgvault wal-push` and `pgbackrest archive-push` side by side and succeeds only
-if both did. Each tool's backup waits for the WAL it needs to reach its own
-store (pgvault always; pgBackRest with its default archive-check=y), so the
-comparison is like for like: neither skips the wait, neither waits for the
-other's push. Contestants, all with zstd level 3 and 2 processes or threads:
+`pgbench -i -s SCALE` (100: about 1.5 GB). Then archiving is switched on.
+Each tool's backup waits for the WAL it needs to reach its own store (pgvault
+always; pgBackRest with its default archive-check=y), so the comparison is like
+for like: neither skips the wait. With `--archive own` (the default) each tool
+is timed as its users run it: before a tool's backup, archive_command is set to
+that tool's push alone (`pgvault wal-push` or `pgbackrest archive-push`; both
+side by side around pg_basebackup, which streams its own WAL), so no backup
+shares the machine with the other tool's pushes. `--archive both` keeps one
+archive_command for the whole run, starting both pushes side by side and
+succeeding only if both did: every backup then also pays for the other tool's
+push of each segment it switches (the bench before 2026-11-28).
+Contestants, all with zstd level 3 and 2 processes or threads:
 
   pgvault full      `pgvault backup --type full --json`: [backup] parallel = 2,
                     a local vault (`pgvault init`), synchronous wal-push
@@ -265,7 +270,8 @@ class Cluster:
 ARCHIVE_COMMAND = ('{pgvault} --config {pgvault_cfg} wal-push "%p" & a=$!; '
                    'pgbackrest --config={pgbackrest_cfg} --stanza={stanza} archive-push "%p"; b=$?; '
                    'wait $a && [ $b -eq 0 ]')
-ARCHIVE_COMMAND_ALONE = '{pgvault} --config {pgvault_cfg} wal-push "%p"'
+ARCHIVE_COMMAND_PGVAULT = '{pgvault} --config {pgvault_cfg} wal-push "%p"'
+ARCHIVE_COMMAND_PGBACKREST = 'pgbackrest --config={pgbackrest_cfg} --stanza={stanza} archive-push "%p"'
 
 
 @dataclass
@@ -296,7 +302,8 @@ class Bench:
         self.cluster = Cluster(self.base, self.runner, self.bindir)
         self.contestants = [c for c in CONTESTANTS if c in args.contestants.split(",")]
         self.samples: dict[str, list[Sample]] = {}
-        self.results: dict = {"scale": self.scale, "rounds": args.rounds, "contestants": self.contestants}
+        self.results: dict = {"scale": self.scale, "rounds": args.rounds, "contestants": self.contestants,
+                              "archive": args.archive}
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.base, *parts)
@@ -334,7 +341,7 @@ class Bench:
         self.make_stores()
 
     def make_stores(self) -> None:
-        """A fresh pgvault vault and pgBackRest repository, and archive_command pushing to both.
+        """A fresh pgvault vault and pgBackRest repository, and the archive_command of each contestant.
 
         Without pgBackRest among the contestants, no repository, and archive_command
         pushes to pgvault alone, as it would in production.
@@ -354,17 +361,34 @@ class Bench:
         chown_pg(d)
         self.runner.run([self.pgvault, "--config", self.pgvault_cfg, "init"])
         mkdir_pg(self.path("basebackup"))
+        alone = ARCHIVE_COMMAND_PGVAULT.format(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg)
         if "pgbackrest" in self.contestants:
-            command = ARCHIVE_COMMAND.format(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg,
-                                             pgbackrest_cfg=self.make_pgbackrest_repo(), stanza=STANZA)
+            names = dict(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg,
+                         pgbackrest_cfg=self.make_pgbackrest_repo(), stanza=STANZA)
+            both = ARCHIVE_COMMAND.format(**names)
+            own = {"pgvault": alone, "pgbackrest": ARCHIVE_COMMAND_PGBACKREST.format(**names), "basebackup": both}
         else:
-            command = ARCHIVE_COMMAND_ALONE.format(pgvault=self.pgvault, pgvault_cfg=self.pgvault_cfg)
-        c.sql(pgsql.SQL("ALTER SYSTEM SET archive_command = {}").format(pgsql.Literal(command)))
-        c.sql("SELECT pg_reload_conf()")
+            both = alone
+            own = dict.fromkeys(self.contestants, alone)
+        self.archive_commands = own if self.args.archive == "own" else dict.fromkeys(self.contestants, both)
+        self.archive_command = ""
+        self.use_archive_command(both)  # from here on, every segment reaches both stores until a backup
         c.sql("SELECT pg_switch_wal()")
         c.sql("CHECKPOINT")
         c.wait_archived(timeout=120)
-        log(f"archive_command: {command}")
+        for contestant in self.contestants:
+            log(f"archive_command for {contestant}: {self.archive_commands[contestant]}")
+
+    def use_archive_command(self, command: str) -> None:
+        """Set archive_command (once the archiver has nothing left for the one before: see measure)."""
+        if command == self.archive_command:
+            return
+        c = self.cluster
+        c.wait_archived()
+        c.sql(pgsql.SQL("ALTER SYSTEM SET archive_command = {}").format(pgsql.Literal(command)))
+        c.sql("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the archiver rereads its settings when signalled; the backup's segments are its next
+        self.archive_command = command
 
     def make_pgbackrest_repo(self) -> str:
         """pgBackRest's repository and stanza; its config file."""
@@ -426,9 +450,10 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         return Sample(run.wall, size, run.maxrss_mb)
 
-    def measure(self, name: str, fn) -> None:
+    def measure(self, contestant: str, name: str, fn) -> None:
+        self.use_archive_command(self.archive_commands[contestant])
         self.cluster.wait_archived()
-        self.wait_idle()
+        self.wait_idle()  # also the time (2 s at least) for the archiver to reload its settings
         sample = fn()
         self.samples.setdefault(name, []).append(sample)
         log(f"  {name:16s} {sample.wall:7.2f} s  {sample.size / 2**20:9.1f} MiB  {sample.maxrss_mb:6.0f} MB RSS"
@@ -464,11 +489,11 @@ class Bench:
             log(f"round {r + 1}/{self.args.rounds} (load average {os.getloadavg()[0]:.2f})")
             order = self.contestants[r % len(self.contestants):] + self.contestants[:r % len(self.contestants)]
             for name in order:
-                self.measure(*fulls[name])
+                self.measure(name, *fulls[name])
             self.update()
             order = [c for c in order if c in incrs]
             for name in (order if r % 2 == 0 else order[::-1]):
-                self.measure(*incrs[name])
+                self.measure(name, *incrs[name])
 
     def cleanup(self) -> None:
         try:
@@ -537,6 +562,8 @@ def report(r: dict) -> str:
     lines = [f"pgbench scale {r['scale']}: database {r['database_bytes'] / mib:.0f} MiB "
              f"(pgbench_accounts {r['accounts_bytes'] / mib:.0f} MiB); medians of {r['rounds']} rounds, "
              f"zstd 3, 2 workers each",
+             "archive_command: " + ("the timed tool's push alone (--archive own)" if r.get("archive") == "own"
+                                    else "both tools' pushes side by side (--archive both)"),
              f"  {'':18s} {'wall s':>8s} {'size MiB':>10s} {'peak RSS MB':>12s}   samples (s)"]
     for name in ("pgvault full", "pgBackRest full", "pg_basebackup", "pgvault incr", "pgBackRest incr"):
         row = r["medians"].get(name)
@@ -580,6 +607,9 @@ def main() -> None:
                         help=f"comma-separated subset of {','.join(CONTESTANTS)} (default: all)")
     parser.add_argument("--pgvault", choices=("regular", "dev"), default="regular",
                         help="regular: a byte-compiled copy of this checkout (default); dev: this venv's pgvault")
+    parser.add_argument("--archive", choices=("own", "both"), default="own",
+                        help="own: archive_command pushes to the tool being timed alone (default); "
+                             "both: to both tools, side by side, for the whole run")
     parser.add_argument("--wait-idle", type=float, default=60, metavar="SECONDS",
                         help="before each backup, wait up to SECONDS for the machine to go quiet (0: never)")
     parser.add_argument("--keep", metavar="DIR", help="build (or reuse) the cluster in DIR and leave it, stopped")
