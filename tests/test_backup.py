@@ -303,10 +303,15 @@ def test_the_backup_pushes_its_last_segment_itself_once_the_archiver_is_shown_to
 def test_pgvault_backup_leaves_psycopg_to_its_session_process(local_env):
     """The console script starts the session's process first; importing psycopg here again would
     put its ~45 ms back in front of pg_backup_start (see pgsession)."""
-    script = ("import atexit, sys\n"
-              "atexit.register(lambda: print('psycopg imported:', 'psycopg' in sys.modules, file=sys.stderr))\n"
+    script = ("import sys\n"
+              "import pgvault.entry as entry\n"
+              "exit_at_once = entry._exit_at_once  # how the backup's process ends (no atexit)\n"
+              "def ending(code):\n"
+              "    print('psycopg imported:', 'psycopg' in sys.modules, file=sys.stderr)\n"
+              "    exit_at_once(code)\n"
+              "entry._exit_at_once = ending\n"
               f"sys.argv = ['pgvault', '--config', {local_env.config!r}, 'backup', '--json']\n"
-              "from pgvault.entry import main\nmain()\n")
+              "entry.main()\n")
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PGVAULT_")}
     done = subprocess.run([sys.executable, "-c", script], user=PG_USER, group=PG_USER, env=environment, cwd="/tmp",
                           capture_output=True, text=True, timeout=120)
