@@ -178,13 +178,8 @@ def run_worker(wal_dir: str, *, storage: Storage, record: VaultRecord, options: 
                 p = os.path.join(wal_dir, n)
                 try:
                     push_wal_file(p, storage=storage, record=record, options=each)
-                    ready = os.path.join(wal_dir, "archive_status", n + ".ready")
-                    if os.path.exists(ready):
-                        spool.mark_pushed(p)
-                        # PostgreSQL's own call may have archived it meanwhile: a marker it will
-                        # never consume is harmless (fingerprinted) and pruned by the next call.
-                        if not os.path.exists(ready):
-                            spool.drop_marker(n)
+                    # One left by a race all the same is harmless (fingerprinted) and pruned by the next call.
+                    spool.mark_pushed_if_waiting(p)
                     return True
                 except FileNotFoundError:
                     return False  # PostgreSQL archived it meanwhile (its own call) and removed it

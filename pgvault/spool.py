@@ -58,6 +58,18 @@ class Spool:
             f.write(self._fingerprint(os.stat(path)))
         os.replace(tmp, marker)
 
+    def mark_pushed_if_waiting(self, path: str) -> None:
+        """``mark_pushed``, if PostgreSQL still waits to archive the file (a `.ready` beside it in pg_wal).
+
+        A marker its call would never consume stays otherwise: should PostgreSQL's own
+        call archive it meanwhile, the marker is dropped again.
+        """
+        ready = os.path.join(os.path.dirname(path), "archive_status", os.path.basename(path) + ".ready")
+        if os.path.exists(ready):
+            self.mark_pushed(path)
+            if not os.path.exists(ready):
+                self.drop_marker(os.path.basename(path))
+
     def consume_marker(self, path: str) -> bool:
         """True (and the marker is removed) if ``path`` was pushed ahead and has not changed since."""
         marker = self.marker_path(os.path.basename(path))

@@ -3,9 +3,10 @@
 ``LocalSession`` runs the backup's statements over psycopg in this process.
 ``pgvault backup`` starts its session in a child process instead, first thing
 (``prestart``, from the console script, before click and the rest are
-imported): importing psycopg (~45 ms) and connecting then happen on another
-CPU while this process imports the rest and takes the backup lock, and
-pg_backup_start goes out ~20-25 ms sooner (measured on a 0.35 s incremental).
+imported): importing psycopg (~75-80 ms) and connecting then happen on another
+CPU while this process imports the rest, takes the backup lock and fetches the
+parent's file list, and pg_backup_start goes out sooner (~20-25 ms, measured
+on a 0.35 s incremental when this process was introduced).
 ``ChildSession`` forwards each call to that child over two pipes, where a
 ``LocalSession`` answers it; errors come back as the same PgvaultError.
 

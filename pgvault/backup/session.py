@@ -275,14 +275,9 @@ def _leave_marker(spool, path: str) -> None:
     pushed the file itself) would stay, since a synchronous archive_command
     prunes none: the next backup's push drops it.
     """
-    wal_dir = os.path.dirname(path)
-    ready = os.path.join(wal_dir, "archive_status", os.path.basename(path) + ".ready")
     try:
-        spool.prune_markers(wal_dir)
-        if os.path.exists(ready):
-            spool.mark_pushed(path)
-            if not os.path.exists(ready):  # archived meanwhile, by the archiver's own push
-                spool.drop_marker(os.path.basename(path))
+        spool.prune_markers(os.path.dirname(path))
+        spool.mark_pushed_if_waiting(path)
     except OSError:
         pass
 
